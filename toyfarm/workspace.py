@@ -1,0 +1,186 @@
+"""Loading pyhf workspaces and signal patches into models.
+
+pyhf does the parsing and the schema validation; this module only adds what a batch service needs:
+the background-only workspace and the patchset are validated once, each patch is applied to the
+validated workspace without re-validating the whole result (that alone costs seconds per 1Lbb patch),
+and every model gets a content digest that identifies it across runs, stores and workers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import pyhf
+import pyhf.exceptions
+import pyhf.utils
+
+__all__ = [
+    "WORKSPACE_HYPOTHESIS",
+    "InputError",
+    "ModelSource",
+    "normalise_modifier_settings",
+]
+
+#: The hypothesis name of a run on a full workspace (no patchset).
+WORKSPACE_HYPOTHESIS = "workspace"
+
+_INTERPCODES = {"normsys": ("code1", "code4"), "histosys": ("code0", "code2", "code4p")}
+_DEFAULT_SETTINGS = {"normsys": {"interpcode": "code1"}, "histosys": {"interpcode": "code0"}}
+
+
+class InputError(ValueError):
+    """Bad user input: the message names what is wrong and what to do about it."""
+
+
+def normalise_modifier_settings(settings: Mapping[str, Any] | None) -> dict[str, dict[str, str]]:
+    """pyhf's ``modifier_settings`` with defaults filled in and the codes checked."""
+    out = {kind: dict(default) for kind, default in _DEFAULT_SETTINGS.items()}
+    for kind, opts in (settings or {}).items():
+        if kind not in _INTERPCODES:
+            raise InputError(
+                f"modifier_settings: unknown modifier type {kind!r} (known: normsys, histosys)"
+            )
+        code = dict(opts).get("interpcode", out[kind]["interpcode"])
+        if code not in _INTERPCODES[kind]:
+            allowed = ", ".join(_INTERPCODES[kind])
+            raise InputError(
+                f"modifier_settings: {kind} interpcode {code!r} is not supported by pyhf "
+                f"(choose one of {allowed})"
+            )
+        out[kind]["interpcode"] = code
+    return out
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise InputError(f"cannot read the {what} {path}: {err.strerror or err}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"the {what} {path} is not valid JSON: {err}") from None
+
+
+def _validated(kind: str, path: Path, build: Any, spec: Any) -> Any:
+    try:
+        return build(spec)
+    except pyhf.exceptions.InvalidSpecification as err:
+        reason = str(err).splitlines()[0]
+        raise InputError(f"the {kind} {path} fails pyhf's schema: {reason}") from None
+    except (TypeError, KeyError, AttributeError) as err:
+        raise InputError(f"the {kind} {path} is not a pyhf {kind}: {err}") from None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the models of a run come from: a workspace, optionally a patchset, and settings.
+
+    ``patches()`` names the hypotheses (the patch names, or ``"workspace"`` without a patchset);
+    ``model(name)`` builds the pyhf model of one of them and ``digest(name)`` identifies it.
+    """
+
+    workspace_path: Path
+    patchset_path: Path | None = None
+    modifier_settings: dict[str, dict[str, str]] = field(default_factory=dict)
+    measurement: str | None = None
+    verify_digest: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "workspace_path", Path(self.workspace_path))
+        if self.patchset_path is not None:
+            object.__setattr__(self, "patchset_path", Path(self.patchset_path))
+        object.__setattr__(
+            self, "modifier_settings", normalise_modifier_settings(self.modifier_settings)
+        )
+
+    @cached_property
+    def workspace_spec(self) -> dict:
+        spec = _read_json(self.workspace_path, "workspace")
+        ws = _validated("workspace", self.workspace_path, pyhf.Workspace, spec)
+        if self.measurement is not None and self.measurement not in ws.measurement_names:
+            raise InputError(
+                f"the workspace has no measurement {self.measurement!r} "
+                f"(it has: {', '.join(ws.measurement_names)})"
+            )
+        return dict(ws)
+
+    @cached_property
+    def patchset(self) -> pyhf.PatchSet | None:
+        if self.patchset_path is None:
+            return None
+        spec = _read_json(self.patchset_path, "patchset")
+        patchset = _validated("patchset", self.patchset_path, pyhf.PatchSet, spec)
+        if self.verify_digest:
+            try:
+                patchset.verify(self.workspace_spec)
+            except pyhf.exceptions.PatchSetVerificationError:
+                raise InputError(
+                    f"the patchset {self.patchset_path} was not made for the workspace "
+                    f"{self.workspace_path} (digest mismatch); set verify_digest = false in "
+                    "[workspace] (or pass --no-verify-digest) to apply its patches by name"
+                ) from None
+        return patchset
+
+    def patches(self) -> list[str]:
+        """Every hypothesis this source offers, in the patchset's order."""
+        if self.patchset is None:
+            return [WORKSPACE_HYPOTHESIS]
+        return [patch.name for patch in self.patchset.patches]
+
+    def labels(self) -> dict[str, tuple]:
+        """The patchset's label values of each patch (e.g. 1Lbb: m1, m2); empty without one."""
+        if self.patchset is None:
+            return {}
+        return {patch.name: tuple(patch.values) for patch in self.patchset.patches}
+
+    def check_patches(self, names: list[str]) -> list[str]:
+        known = self.patches()
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            hint = (
+                "this run has no patchset, so its only hypothesis is 'workspace'"
+                if self.patchset is None
+                else f"the patchset has {len(known)} patches, e.g. {', '.join(known[:3])}"
+            )
+            raise InputError(f"unknown patch {unknown[0]!r}: {hint}")
+        return list(names)
+
+    def spec(self, patch: str) -> dict:
+        """The (patched) workspace specification of one hypothesis."""
+        self.check_patches([patch])
+        if self.patchset is None:
+            return self.workspace_spec
+        # The parts were validated once; re-validating each patched copy costs seconds per patch.
+        return jsonpatch.apply_patch(self.workspace_spec, self.patchset[patch].patch)
+
+    def model(self, patch: str) -> tuple[pyhf.pdf.Model, list[float]]:
+        """The pyhf model of one hypothesis and its observed data (main bins, then auxdata)."""
+        workspace = pyhf.Workspace(self.spec(patch), validate=False)
+        try:
+            model = workspace.model(
+                measurement_name=self.measurement,
+                modifier_settings=self.modifier_settings,
+                validate=False,
+            )
+            data = workspace.data(model)
+        except (pyhf.exceptions.InvalidModel, pyhf.exceptions.InvalidModifier, KeyError) as err:
+            raise InputError(f"patch {patch!r} does not give a valid model: {err}") from None
+        if model.config.poi_index is None:
+            raise InputError(f"the measurement of {patch!r} has no parameter of interest")
+        return model, [float(x) for x in data]
+
+    def digest(self, patch: str) -> str:
+        """sha256 of everything that determines the model: spec, measurement, settings."""
+        content = {
+            "spec": self.spec(patch),
+            "measurement": self.measurement,
+            "modifier_settings": self.modifier_settings,
+        }
+        return pyhf.utils.digest(content)
