@@ -2,8 +2,8 @@
 
 pyhf does the parsing and the schema validation; this module only adds what a batch service needs:
 the background-only workspace and the patchset are validated once, each patch is applied to the
-validated workspace without re-validating the whole result (that alone costs seconds per 1Lbb patch),
-and every model gets a content digest that identifies it across runs, stores and workers.
+validated workspace without re-validating the whole result (that alone costs seconds per 1Lbb
+patch), and every model gets a content digest that identifies it across runs, stores and workers.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ Layout. The expected count of sample ``s`` in global bin ``b`` lives in cell ``c
 
 - ``α`` are the *interpolated* parameters (normsys and histosys; one name may carry both), evaluated
   densely over ``[n_interp, cells]`` coefficient arrays (absent entries are neutral: f = 1, Δ = 0);
-- ``γ`` are the *linear* factors (normfactor, lumi, shapefactor, staterror, shapesys): each cell lists
-  the few it is multiplied by in ``slot[c, :]``, padded with a slot that always holds 1.
+- ``γ`` are the *linear* factors (normfactor, lumi, shapefactor, staterror, shapesys): each
+  cell lists the few it is multiplied by in ``slot[c, :]``, padded with a slot that always holds 1.
 
 Internally parameters are ordered interpolated first, then linear (``order`` maps internal index to
 pyhf's index); this keeps every derivative block a dense matrix product. Constraint terms are one
@@ -108,6 +108,28 @@ def _parameter_kinds(model: pyhf.pdf.Model) -> tuple[list[int], list[int]]:
     return interp, linear
 
 
+def _staterror_offsets(model: pyhf.pdf.Model) -> dict[tuple[str, str], int]:
+    """(staterror name, channel) -> parameter index of the channel's first bin, within the modifier.
+
+    pyhf numbers a staterror's parameters over the bins of all the channels it appears in, in its
+    channel order; the per-bin shapefactor and shapesys start at 0 in every channel.
+    """
+    channels_of: dict[str, set[str]] = {}
+    for channel in model.spec["channels"]:
+        for sample in channel["samples"]:
+            for modifier in sample["modifiers"]:
+                if modifier["type"] == "staterror":
+                    channels_of.setdefault(modifier["name"], set()).add(channel["name"])
+    offsets = {}
+    for name, channels in channels_of.items():
+        offset = 0
+        for channel in model.config.channels:
+            if channel in channels:
+                offsets[name, channel] = offset
+                offset += model.config.channel_nbins[channel]
+    return offsets
+
+
 def compile_model(model: pyhf.pdf.Model) -> Likelihood:
     """Collect every modifier of the model into dense arrays, once."""
     config = model.config
@@ -125,6 +147,7 @@ def compile_model(model: pyhf.pdf.Model) -> Likelihood:
     hs_lo, hs_hi = np.zeros((2, n_interp, n_samples, n_bins))
     hs_set = np.zeros((n_interp, n_samples, n_bins), dtype=bool)
     slots: list[list[list[int]]] = [[[] for _ in range(n_bins)] for _ in range(n_samples)]
+    staterror_offset = _staterror_offsets(model)
 
     for channel in model.spec["channels"]:
         bins = config.channel_slices[channel["name"]]
@@ -143,6 +166,8 @@ def compile_model(model: pyhf.pdf.Model) -> Likelihood:
                     hs_set[i, s, bins] = True
                 else:
                     per_bin = kind in ("shapefactor", "staterror", "shapesys")
+                    if kind == "staterror":
+                        start += staterror_offset[modifier["name"], channel["name"]]
                     for j, b in enumerate(range(bins.start, bins.stop)):
                         slots[s][b].append(internal[start + (j if per_bin else 0)] - n_interp)
 

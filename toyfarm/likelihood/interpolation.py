@@ -1,10 +1,11 @@
 """Interpolation kernels of normsys and histosys, with their first two derivatives.
 
-Every kernel takes ``alpha`` broadcastable against coefficient arrays of shape ``[n, cells]`` (built once
-by ``*_coefficients`` at compile time) and returns ``(value, d1, d2)``: the fitter needs exact second
-derivatives, and these closed forms cost a handful of flops per cell where automatic differentiation
-of pyhf's graph costs orders of magnitude more. Branch conventions (``>`` vs ``>=``) copy pyhf's fast
-path exactly, so values agree with ``pyhf.Model.logpdf`` to rounding.
+Every kernel takes ``alpha`` broadcastable against coefficient arrays of shape ``[n, cells]``
+(built once by ``*_coefficients`` at compile time) and returns ``(value, d1, d2)``: the fitter
+needs exact second derivatives, and these closed forms cost a handful of flops per cell where
+automatic differentiation of pyhf's graph costs orders of magnitude more. Branch conventions
+(``>`` vs ``>=``) copy pyhf's fast path exactly, so values agree with ``pyhf.Model.logpdf`` to
+rounding.
 
 ``slow_normsys`` / ``slow_histosys`` are scalar loop references; the tests check the kernels
 against them and the derivatives against ``jax.grad``.
@@ -52,7 +53,9 @@ def normsys_coefficients(code: str, lo: np.ndarray, hi: np.ndarray) -> np.ndarra
         return np.stack([hi, lo, log_hi, log_lo])
     if code == "code4":
         with np.errstate(invalid="ignore"):
-            b = np.stack([hi - 1, lo - 1, log_hi * hi, -log_lo * lo, log_hi**2 * hi, log_lo**2 * lo])
+            b = np.stack(
+                [hi - 1, lo - 1, log_hi * hi, -log_lo * lo, log_hi**2 * hi, log_lo**2 * lo]
+            )
         a = np.einsum("rc,c...->r...", _A_INV, b)
         return np.concatenate([np.stack([hi, lo, log_hi, log_lo]), a])
     raise ValueError(f"unknown normsys interpolation {code!r}")
@@ -82,9 +85,15 @@ def normsys_factor(code: str, alpha, coef):
     if code == "code1":
         return f_exp, rate, rate**2
     a = coef[4:]
-    poly = 1 + alpha * (a[0] + alpha * (a[1] + alpha * (a[2] + alpha * (a[3] + alpha * (a[4] + alpha * a[5])))))
-    d1 = a[0] + alpha * (2 * a[1] + alpha * (3 * a[2] + alpha * (4 * a[3] + alpha * (5 * a[4] + alpha * 6 * a[5]))))
-    d2 = 2 * a[1] + alpha * (6 * a[2] + alpha * (12 * a[3] + alpha * (20 * a[4] + alpha * 30 * a[5])))
+    poly = 1 + alpha * (
+        a[0] + alpha * (a[1] + alpha * (a[2] + alpha * (a[3] + alpha * (a[4] + alpha * a[5]))))
+    )
+    d1 = a[0] + alpha * (
+        2 * a[1] + alpha * (3 * a[2] + alpha * (4 * a[3] + alpha * (5 * a[4] + alpha * 6 * a[5])))
+    )
+    d2 = 2 * a[1] + alpha * (
+        6 * a[2] + alpha * (12 * a[3] + alpha * (20 * a[4] + alpha * 30 * a[5]))
+    )
     inside = (alpha < 1) & (alpha > -1)
     f = jnp.where(inside, poly, f_exp)
     return f, jnp.where(inside, d1 / poly, rate), jnp.where(inside, d2 / poly, rate**2)
@@ -97,10 +106,13 @@ def histosys_delta(code: str, alpha, coef):
         return alpha * slope, slope, jnp.zeros_like(slope)
     if code == "code2":
         # pyhf's fast code2 (the one Model.logpdf uses) evaluates (b+2a)(α-1) above +1 and
-        # α(b-2a) below -1; its own _slow_code2 says (b-2a)(α+1) there. We follow what pyhf computes.
+        # α(b-2a) below -1; its own _slow_code2 says (b-2a)(α+1) there. We follow what pyhf
+        # computes.
         a, b, bp, bm = coef
         inside = alpha * (a * alpha + b), 2 * a * alpha + b, 2 * a
-        value = jnp.where(alpha > 1, bp * (alpha - 1), jnp.where(alpha >= -1, inside[0], alpha * bm))
+        value = jnp.where(
+            alpha > 1, bp * (alpha - 1), jnp.where(alpha >= -1, inside[0], alpha * bm)
+        )
         d1 = jnp.where(alpha > 1, bp, jnp.where(alpha >= -1, inside[1], bm))
         d2 = jnp.where((alpha > 1) | (alpha < -1), 0.0, inside[2])
         return value, d1, d2
@@ -122,8 +134,14 @@ def slow_normsys(code: str, alpha: float, lo: float, hi: float) -> float:
     if code == "code1" or alpha >= 1 or alpha <= -1:
         up = alpha > 0 if code == "code1" else alpha >= 1
         return math.pow(hi if up else lo, abs(alpha))
-    b = [hi - 1, lo - 1, math.log(hi) * hi, -math.log(lo) * lo, math.log(hi) ** 2 * hi,
-         math.log(lo) ** 2 * lo]
+    b = [
+        hi - 1,
+        lo - 1,
+        math.log(hi) * hi,
+        -math.log(lo) * lo,
+        math.log(hi) ** 2 * hi,
+        math.log(lo) ** 2 * lo,
+    ]
     coefs = [sum(_A_INV[r][c] * b[c] for c in range(6)) for r in range(6)]
     return 1 + sum(coefs[i] * alpha ** (i + 1) for i in range(6))
 

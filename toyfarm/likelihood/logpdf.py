@@ -40,7 +40,9 @@ def expected_rates(lk: Likelihood, pars):
 
 def _constraint_terms(lk: Likelihood, pars, aux):
     theta = pars[lk.aux_param]
-    rate = theta * lk.aux_scale
+    # Gaussian slots get rate 1 in the discarded Poisson branch: at theta = 0 its gradient would be
+    # infinite, and jnp.where turns 0 * inf into a NaN gradient
+    rate = jnp.where(lk.aux_poisson, theta * lk.aux_scale, 1.0)
     poisson = xlogy(aux, rate) - rate - gammaln(aux + 1.0)
     gauss = -0.5 * ((aux - theta) / lk.aux_scale) ** 2 - jnp.log(lk.aux_scale) - _LOG_SQRT_2PI
     return jnp.where(lk.aux_poisson, poisson, gauss)
@@ -69,14 +71,21 @@ def _exclusive_products(values):
     single = jnp.stack([prod_except({k}) for k in range(n)], axis=-1)
     zero = jnp.zeros_like(cols[0])
     pair = jnp.stack(
-        [jnp.stack([zero if k == j else prod_except({k, j}) for j in range(n)], -1) for k in range(n)],
+        [
+            jnp.stack([zero if k == j else prod_except({k, j}) for j in range(n)], -1)
+            for k in range(n)
+        ],
         axis=-2,
     )
     return single, pair
 
 
 def nll_derivatives(lk: Likelihood, pars, data):
-    """(-log L, its gradient, its Hessian) at one point, in closed form."""
+    """(-log L, gradient, Hessian, Gauss-Newton Hessian) at one point, in closed form.
+
+    The Gauss-Newton matrix drops the curvature of the rates (keeps J^T diag(n/λ²) J and the
+    constraints): always positive semi-definite, the fitter's fallback far from the minimum.
+    """
     counts, aux = data[: lk.n_bins], data[lk.n_bins :]
     alpha = pars[: lk.n_interp, None]
     f, r, w = normsys_factor(lk.normsys_code, alpha, lk.normsys)  # [n_interp, cells]
@@ -111,9 +120,10 @@ def nll_derivatives(lk: Likelihood, pars, data):
     h_ii = r @ (cr * r + ct * d1).T + (ct * d1) @ r.T
     h_ii = h_ii + jnp.diag(jnp.sum(cr * (w - r**2) + ct * d2, axis=1))
     h_il = (c * norm * (base * r + d1)) @ q
-    h_ll = jnp.einsum("c,ckj,ckl,cjm->lm", c * base * norm, lin_pair, lk.linear_onehot,
-                      lk.linear_onehot)
-    hess = jnp.block([[h_ii, h_il], [h_il.T, h_ll]]) + (jac * weight) @ jac.T
+    h_ll = jnp.einsum(
+        "c,ckj,ckl,cjm->lm", c * base * norm, lin_pair, lk.linear_onehot, lk.linear_onehot
+    )
+    gauss_newton = (jac * weight) @ jac.T
 
     # constraints: one parameter each, so diagonal
     theta = pars[lk.aux_param]
@@ -124,5 +134,6 @@ def nll_derivatives(lk: Likelihood, pars, data):
     )
     c_curv = jnp.where(lk.aux_poisson, aux / theta**2, 1.0 / lk.aux_scale**2)
     grad = grad.at[lk.aux_param].add(c_grad)
-    hess = hess.at[lk.aux_param, lk.aux_param].add(c_curv)
-    return nll, grad, hess
+    gauss_newton = gauss_newton.at[lk.aux_param, lk.aux_param].add(c_curv)
+    hess = gauss_newton + jnp.block([[h_ii, h_il], [h_il.T, h_ll]])
+    return nll, grad, hess, gauss_newton
