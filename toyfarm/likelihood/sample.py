@@ -16,7 +16,7 @@ import numpy as np
 from toyfarm.likelihood.compile import Likelihood
 from toyfarm.likelihood.logpdf import expected_rates
 
-__all__ = ["toy_keys", "sample_toy"]
+__all__ = ["toy_keys", "sample_toy", "sample_toys"]
 
 
 def _stream_words(patch: str, mu: float, hypothesis: str) -> list[int]:
@@ -47,3 +47,7 @@ def sample_toy(lk: Likelihood, key: jax.Array, pars) -> jax.Array:
     gauss = theta + lk.aux_scale * jax.random.normal(k_gauss, theta.shape, pars.dtype)
     pois = jax.random.poisson(k_pois, theta * lk.aux_scale, dtype=jnp.int64).astype(pars.dtype)
     return jnp.concatenate([main, jnp.where(lk.aux_poisson, pois, gauss)])
+
+
+#: a batch of toys, one per key, all at ``pars``
+sample_toys = jax.jit(jax.vmap(sample_toy, (None, 0, None)))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from toyfarm.likelihood.compile import Likelihood
 from toyfarm.likelihood.fit import CONVERGED, FitResult, minimize
-from toyfarm.likelihood.sample import sample_toy
+from toyfarm.likelihood.sample import sample_toys
 
 __all__ = [
     "TEST_STATISTICS",
@@ -62,9 +62,6 @@ def _statistic(lk: Likelihood, name: str, mu, cond: FitResult, free: FitResult) 
     return TestStatistic(t, ok, cond, free)
 
 
-_sample_batch = jax.jit(jax.vmap(sample_toy, (None, 0, None)))
-
-
 def test_statistic(lk: Likelihood, name: str, data, mu, init) -> TestStatistic:
     """Test statistic of a batch of datasets ``[n, n_data]``, fits starting at ``init`` ``[n, P]``.
 
@@ -80,7 +77,7 @@ def test_statistic(lk: Likelihood, name: str, data, mu, init) -> TestStatistic:
 
 def toy_test_statistics(lk: Likelihood, name: str, mu, keys, gen_pars, keep_toys: bool = False):
     """Throw one toy per key at ``gen_pars`` and return (q, converged, toys or None)."""
-    toys = _sample_batch(lk, keys, gen_pars)
+    toys = sample_toys(lk, keys, gen_pars)
     init = jnp.broadcast_to(gen_pars, (toys.shape[0], gen_pars.shape[-1]))
     stat = test_statistic(lk, name, toys, mu, init)
     return stat.value, stat.converged, (toys if keep_toys else None)

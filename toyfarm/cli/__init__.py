@@ -1,0 +1,33 @@
+"""The ``toyfarm`` command: a thin click group; each area's subcommands live in their own file."""
+
+from __future__ import annotations
+
+import click
+
+from toyfarm.cli.toys import toys
+from toyfarm.workspace import InputError
+
+__all__ = ["cli", "main"]
+
+
+@click.group()
+@click.version_option(package_name="toyfarm")
+def cli() -> None:
+    """Toy-based test statistics for pyhf workspaces, thousands of toys per call."""
+
+
+cli.add_command(toys)
+
+
+def main() -> None:
+    """Entry point: bad input is one line on stderr and exit status 2, never a traceback."""
+    try:
+        cli(standalone_mode=False)
+    except InputError as err:
+        click.echo(f"toyfarm: error: {err}", err=True)
+        raise SystemExit(2) from None
+    except click.exceptions.Abort:
+        raise SystemExit(130) from None
+    except click.ClickException as err:
+        err.show()
+        raise SystemExit(2) from None
