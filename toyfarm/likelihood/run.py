@@ -13,7 +13,7 @@ import numpy as np
 
 from toyfarm.likelihood.compile import Likelihood
 from toyfarm.likelihood.sample import toy_keys
-from toyfarm.likelihood.teststat import conditional_fit, test_statistic, toy_test_statistics
+from toyfarm.likelihood.teststat import compute_test_statistic, conditional_fit, toy_test_statistics
 
 __all__ = ["HypothesisToys", "generation_pars", "hypothesis_test_statistics"]
 
@@ -34,7 +34,7 @@ def hypothesis_test_statistics(lk: Likelihood, data, test_stat: str, mu: float, 
     """Observed test statistic and the toys ``toys`` of both hypotheses of one (patch, μ)."""
     data = jnp.asarray(data)
     gen_sb = generation_pars(lk, data, mu)
-    observed = test_statistic(lk, test_stat, data[None], mu, gen_sb[None])
+    observed = compute_test_statistic(lk, test_stat, data[None], mu, gen_sb[None])
     mu_b = 1.0 if test_stat == "q0" else 0.0
     results = {}
     for name, gen in (("sb", gen_sb), ("b", generation_pars(lk, data, mu_b))):

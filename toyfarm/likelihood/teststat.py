@@ -18,17 +18,17 @@ from toyfarm.likelihood.sample import sample_toys
 
 __all__ = [
     "TEST_STATISTICS",
-    "TestStatistic",
+    "Statistic",
     "conditional_fit",
     "free_fit",
-    "test_statistic",
+    "compute_test_statistic",
     "toy_test_statistics",
 ]
 
 TEST_STATISTICS = ("qtilde", "q", "q0", "ttilde", "t")
 
 
-class TestStatistic(NamedTuple):
+class Statistic(NamedTuple):
     value: jax.Array
     converged: jax.Array  # both fits converged and the value is finite
     conditional: FitResult
@@ -51,7 +51,7 @@ def free_fit(lk: Likelihood, data, init) -> FitResult:
     return minimize(lk, data, init, jnp.broadcast_to(jnp.asarray(lk.fixed), init.shape))
 
 
-def _statistic(lk: Likelihood, name: str, mu, cond: FitResult, free: FitResult) -> TestStatistic:
+def _statistic(lk: Likelihood, name: str, mu, cond: FitResult, free: FitResult) -> Statistic:
     t = jnp.maximum(2.0 * (cond.nll - free.nll), 0.0)
     muhat = free.pars[..., lk.poi]
     if name in ("qtilde", "q"):
@@ -59,10 +59,10 @@ def _statistic(lk: Likelihood, name: str, mu, cond: FitResult, free: FitResult) 
     elif name == "q0":
         t = jnp.where(muhat < 0.0, 0.0, t)
     ok = (cond.status == CONVERGED) & (free.status == CONVERGED) & jnp.isfinite(t)
-    return TestStatistic(t, ok, cond, free)
+    return Statistic(t, ok, cond, free)
 
 
-def test_statistic(lk: Likelihood, name: str, data, mu, init) -> TestStatistic:
+def compute_test_statistic(lk: Likelihood, name: str, data, mu, init) -> Statistic:
     """Test statistic of a batch of datasets ``[n, n_data]``, fits starting at ``init`` ``[n, P]``.
 
     The free fit starts where the conditional one ended: its nuisance parameters are already
@@ -79,5 +79,5 @@ def toy_test_statistics(lk: Likelihood, name: str, mu, keys, gen_pars, keep_toys
     """Throw one toy per key at ``gen_pars`` and return (q, converged, toys or None)."""
     toys = sample_toys(lk, keys, gen_pars)
     init = jnp.broadcast_to(gen_pars, (toys.shape[0], gen_pars.shape[-1]))
-    stat = test_statistic(lk, name, toys, mu, init)
+    stat = compute_test_statistic(lk, name, toys, mu, init)
     return stat.value, stat.converged, (toys if keep_toys else None)
