@@ -51,17 +51,6 @@ def free_fit(lk: Likelihood, data, init) -> FitResult:
     return minimize(lk, data, init, jnp.broadcast_to(jnp.asarray(lk.fixed), init.shape))
 
 
-def _statistic(lk: Likelihood, name: str, mu, cond: FitResult, free: FitResult) -> Statistic:
-    t = jnp.maximum(2.0 * (cond.nll - free.nll), 0.0)
-    muhat = free.pars[..., lk.poi]
-    if name in ("qtilde", "q"):
-        t = jnp.where(muhat > mu, 0.0, t)
-    elif name == "q0":
-        t = jnp.where(muhat < 0.0, 0.0, t)
-    ok = (cond.status == CONVERGED) & (free.status == CONVERGED) & jnp.isfinite(t)
-    return Statistic(t, ok, cond, free)
-
-
 def compute_test_statistic(lk: Likelihood, name: str, data, mu, init) -> Statistic:
     """Test statistic of a batch of datasets ``[n, n_data]``, fits starting at ``init`` ``[n, P]``.
 
@@ -72,7 +61,14 @@ def compute_test_statistic(lk: Likelihood, name: str, data, mu, init) -> Statist
         raise ValueError(f"unknown test statistic {name!r} (known: {', '.join(TEST_STATISTICS)})")
     cond = conditional_fit(lk, data, mu, init)
     free = free_fit(lk, data, cond.pars)
-    return _statistic(lk, name, mu, cond, free)
+    t = jnp.maximum(2.0 * (cond.nll - free.nll), 0.0)
+    muhat = free.pars[..., lk.poi]
+    if name in ("qtilde", "q"):
+        t = jnp.where(muhat > mu, 0.0, t)
+    elif name == "q0":
+        t = jnp.where(muhat < 0.0, 0.0, t)
+    ok = (cond.status == CONVERGED) & (free.status == CONVERGED) & jnp.isfinite(t)
+    return Statistic(t, ok, cond, free)
 
 
 def toy_test_statistics(lk: Likelihood, name: str, mu, keys, gen_pars, keep_toys: bool = False):
