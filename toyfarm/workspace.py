@@ -4,11 +4,17 @@ pyhf does the parsing and the schema validation; this module only adds what a ba
 the background-only workspace and the patchset are validated once, each patch is applied to the
 validated workspace without re-validating the whole result (that alone costs seconds per 1Lbb
 patch), and every model gets a content digest that identifies it across runs, stores and workers.
+
+A ``ModelRef`` is what travels to a worker: the compressed (background-only) workspace, the
+patch's operations and the settings. It is cheap to make (no patched copy on the coordinator), and
+a worker that already holds the model only needs its digest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,7 +29,9 @@ import pyhf.utils
 __all__ = [
     "WORKSPACE_HYPOTHESIS",
     "InputError",
+    "ModelRef",
     "ModelSource",
+    "build_model",
     "normalise_modifier_settings",
 ]
 
@@ -76,6 +84,63 @@ def _validated(kind: str, path: Path, build: Any, spec: Any) -> Any:
         raise InputError(f"the {kind} {path} fails pyhf's schema: {reason}") from None
     except (TypeError, KeyError, AttributeError) as err:
         raise InputError(f"the {kind} {path} is not a pyhf {kind}: {err}") from None
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def build_model(
+    spec: dict, measurement: str | None, modifier_settings: dict, name: str = WORKSPACE_HYPOTHESIS
+) -> tuple[pyhf.pdf.Model, list[float]]:
+    """The pyhf model of an already validated spec, and its observed data (main bins, auxdata)."""
+    workspace = pyhf.Workspace(spec, validate=False)
+    try:
+        model = workspace.model(
+            measurement_name=measurement, modifier_settings=modifier_settings, validate=False
+        )
+        data = workspace.data(model)
+    except (pyhf.exceptions.InvalidModel, pyhf.exceptions.InvalidModifier, KeyError) as err:
+        raise InputError(f"patch {name!r} does not give a valid model: {err}") from None
+    if model.config.poi_index is None:
+        raise InputError(f"the measurement of {name!r} has no parameter of interest")
+    return model, [float(x) for x in data]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One model, compact enough to send with every task, buildable on any worker.
+
+    ``digest`` identifies the model content (workspace, patch, measurement, settings); workers
+    key their caches on it and stores record it to refuse mixing different models.
+    """
+
+    name: str
+    workspace_digest: str
+    workspace_zlib: bytes  # the validated (background-only) workspace, compressed JSON
+    patch_ops: str | None  # the patch's JSON-patch operations, or None for a full workspace
+    measurement: str | None
+    modifier_settings: dict[str, dict[str, str]]
+
+    @cached_property
+    def digest(self) -> str:
+        content = {
+            "workspace": self.workspace_digest,
+            "patch": json.loads(self.patch_ops) if self.patch_ops is not None else None,
+            "measurement": self.measurement,
+            "modifier_settings": self.modifier_settings,
+        }
+        return hashlib.sha256(_canonical(content)).hexdigest()
+
+    def spec(self) -> dict:
+        spec = json.loads(zlib.decompress(self.workspace_zlib))
+        if self.patch_ops is None:
+            return spec
+        return jsonpatch.apply_patch(spec, json.loads(self.patch_ops), in_place=True)
+
+    def build(self) -> tuple[pyhf.pdf.Model, list[float]]:
+        """The pyhf model and its observed data (no schema validation: done at the source)."""
+        return build_model(self.spec(), self.measurement, self.modifier_settings, self.name)
 
 
 @dataclass(frozen=True)
@@ -140,6 +205,10 @@ class ModelSource:
             return {}
         return {patch.name: tuple(patch.values) for patch in self.patchset.patches}
 
+    def label_names(self) -> list[str]:
+        """The patchset's label names (e.g. 1Lbb: m1, m2); empty without one."""
+        return [] if self.patchset is None else list(self.patchset.labels)
+
     def check_patches(self, names: list[str]) -> list[str]:
         known = self.patches()
         unknown = [name for name in names if name not in known]
@@ -162,25 +231,31 @@ class ModelSource:
 
     def model(self, patch: str) -> tuple[pyhf.pdf.Model, list[float]]:
         """The pyhf model of one hypothesis and its observed data (main bins, then auxdata)."""
-        workspace = pyhf.Workspace(self.spec(patch), validate=False)
-        try:
-            model = workspace.model(
-                measurement_name=self.measurement,
-                modifier_settings=self.modifier_settings,
-                validate=False,
-            )
-            data = workspace.data(model)
-        except (pyhf.exceptions.InvalidModel, pyhf.exceptions.InvalidModifier, KeyError) as err:
-            raise InputError(f"patch {patch!r} does not give a valid model: {err}") from None
-        if model.config.poi_index is None:
-            raise InputError(f"the measurement of {patch!r} has no parameter of interest")
-        return model, [float(x) for x in data]
+        return build_model(self.spec(patch), self.measurement, self.modifier_settings, patch)
+
+    @cached_property
+    def _workspace_bytes(self) -> bytes:
+        return _canonical(self.workspace_spec)
+
+    @cached_property
+    def _workspace_zlib(self) -> bytes:
+        return zlib.compress(self._workspace_bytes, 6)
+
+    def model_ref(self, patch: str) -> ModelRef:
+        """The compact reference of one hypothesis' model, to send to workers."""
+        self.check_patches([patch])
+        ops = None
+        if self.patchset is not None:
+            ops = json.dumps(self.patchset[patch].patch, separators=(",", ":"))
+        return ModelRef(
+            name=patch,
+            workspace_digest=hashlib.sha256(self._workspace_bytes).hexdigest(),
+            workspace_zlib=self._workspace_zlib,
+            patch_ops=ops,
+            measurement=self.measurement,
+            modifier_settings=self.modifier_settings,
+        )
 
     def digest(self, patch: str) -> str:
-        """sha256 of everything that determines the model: spec, measurement, settings."""
-        content = {
-            "spec": self.spec(patch),
-            "measurement": self.measurement,
-            "modifier_settings": self.modifier_settings,
-        }
-        return pyhf.utils.digest(content)
+        """sha256 identifying everything that determines the model: spec, measurement, settings."""
+        return self.model_ref(patch).digest

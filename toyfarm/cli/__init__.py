@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from toyfarm.cli.toys import toys
+from toyfarm.cli.generate import generate
+from toyfarm.cli.info import info
 from toyfarm.workspace import InputError
 
 __all__ = ["cli", "main"]
@@ -16,7 +17,8 @@ def cli() -> None:
     """Toy-based test statistics for pyhf workspaces, thousands of toys per call."""
 
 
-cli.add_command(toys)
+cli.add_command(generate)
+cli.add_command(info)
 
 
 def main() -> None:

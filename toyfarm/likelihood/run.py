@@ -1,7 +1,7 @@
-"""One hypothesis test with toys: generation fits on the observed data, then batches of toys.
+"""Hypothesis tests with toys: where toys are thrown, the observed statistic, one block of toys.
 
 Toys are thrown LHC-style: nuisance parameters at their conditional MLE on the observed data at
-the hypothesis' μ (s+b: the tested μ; b-only: μ = 0, or 1 for q0 as pyhf does).
+the hypothesis' μ (s+b: the tested μ; b-only: μ = 0, or μ = 1 for q0, as pyhf does).
 """
 
 from __future__ import annotations
@@ -15,12 +15,30 @@ from toyfarm.likelihood.compile import Likelihood
 from toyfarm.likelihood.sample import toy_keys
 from toyfarm.likelihood.teststat import compute_test_statistic, conditional_fit, toy_test_statistics
 
-__all__ = ["HypothesisToys", "generation_pars", "hypothesis_test_statistics"]
+__all__ = [
+    "GENERATION",
+    "BlockResult",
+    "generation_mu",
+    "generation_pars",
+    "observed_statistic",
+    "block_statistics",
+]
+
+#: how toys are thrown, recorded in stores: stores of different modes never combine
+GENERATION = "lhc-conditional-mle"
 
 
-class HypothesisToys(NamedTuple):
-    q_obs: float
-    toys: dict[str, tuple[np.ndarray, np.ndarray]]  # "sb"/"b" -> (q, converged)
+class BlockResult(NamedTuple):
+    q: np.ndarray  # [block]
+    converged: np.ndarray  # [block] bool
+    toys: np.ndarray | None  # [block, n_data] when kept
+
+
+def generation_mu(test_stat: str, hypothesis: str, mu: float) -> float:
+    """The μ toys of ``hypothesis`` ("sb" or "b") are thrown at, for a test of ``mu``."""
+    if hypothesis == "sb":
+        return float(mu)
+    return 1.0 if test_stat == "q0" else 0.0
 
 
 def generation_pars(lk: Likelihood, data, mu: float):
@@ -29,20 +47,17 @@ def generation_pars(lk: Likelihood, data, mu: float):
     return fit.pars[0]
 
 
-def hypothesis_test_statistics(lk: Likelihood, data, test_stat: str, mu: float, seed: int,
-                               patch: str, toys: np.ndarray, batch: int = 256) -> HypothesisToys:
-    """Observed test statistic and the toys ``toys`` of both hypotheses of one (patch, μ)."""
-    data = jnp.asarray(data)
-    gen_sb = generation_pars(lk, data, mu)
-    observed = compute_test_statistic(lk, test_stat, data[None], mu, gen_sb[None])
-    mu_b = 1.0 if test_stat == "q0" else 0.0
-    results = {}
-    for name, gen in (("sb", gen_sb), ("b", generation_pars(lk, data, mu_b))):
-        qs, oks = [], []
-        for first in range(0, len(toys), batch):
-            keys = toy_keys(seed, patch, mu, name, toys[first : first + batch])
-            q, ok, _ = toy_test_statistics(lk, test_stat, mu, keys, gen)
-            qs.append(np.asarray(q))
-            oks.append(np.asarray(ok))
-        results[name] = (np.concatenate(qs), np.concatenate(oks))
-    return HypothesisToys(float(observed.value[0]), results)
+def observed_statistic(
+    lk: Likelihood, data, test_stat: str, mu: float, gen_sb
+) -> tuple[float, bool]:
+    """The observed test statistic at ``mu`` (fits start at the s+b generation point)."""
+    stat = compute_test_statistic(lk, test_stat, jnp.asarray(data)[None], mu, gen_sb[None])
+    return float(stat.value[0]), bool(stat.converged[0])
+
+
+def block_statistics(lk: Likelihood, test_stat: str, mu: float, gen_pars, seed: int, patch: str,
+                     hypothesis: str, first: int, block: int, keep_toys: bool) -> BlockResult:
+    """Toys ``first .. first + block - 1`` of one (seed, patch, μ, hypothesis) stream, fitted."""
+    keys = toy_keys(seed, patch, mu, hypothesis, np.arange(first, first + block))
+    q, ok, toys = toy_test_statistics(lk, test_stat, mu, keys, gen_pars, keep_toys)
+    return BlockResult(np.asarray(q), np.asarray(ok), None if toys is None else np.asarray(toys))

@@ -1,0 +1,83 @@
+"""The CLI: generate + info on the shipped example, JSON contracts, bad input is exit 2."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from toyfarm.cli import main
+
+EXAMPLE = Path(__file__).parents[1] / "configs" / "example.toml"
+
+
+def run(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["toyfarm", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_then_info(monkeypatch, capsys, tmp_path):
+    store = tmp_path / "cli.zarr"
+    code, out, err = run(monkeypatch, capsys, "generate", EXAMPLE, "--store", store, "--patch",
+                         "sig_400_0", "--mu", "1.5", "--ntoys", "20", "--workers", "1",
+                         "--executor", "local")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["toys_done"] == 40 and summary["failed"] == []
+    code, out, _ = run(monkeypatch, capsys, "info", store, "--json")
+    info = json.loads(out)
+    assert code == 0
+    assert info["patches"] == ["sig_400_0"] and info["mu"] == {"sig_400_0": [1.5]}
+    assert info["toys_planned"] == info["toys_done"] == 40
+    for key in ("not_converged", "tasks", "compiles", "cache_hits", "compile_seconds",
+                "fit_seconds"):
+        assert key in info
+    assert info["compiles"] == 1 and info["tasks"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mu", "11"], "outside the bounds"),
+        (["--patch", "sig_999_0"], "unknown patch 'sig_999_0'"),
+        (["--ntoys", "0"], "ntoys must be positive"),
+        (["--executor", "nope"], "nope"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(monkeypatch, capsys, tmp_path, args, message):
+    store = tmp_path / "bad.zarr"
+    code, _, err = run(monkeypatch, capsys, "generate", EXAMPLE, "--store", store, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not store.exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[workspace\npath = 1", "not valid TOML"),
+        ('[workspace]\npath = "x.json"\ncolour = "red"', "unknown key 'colour'"),
+        ('[workspace]\npath = "missing.json"', "cannot read the workspace"),
+        ('[workspace]\npath = "w.json"\n[toys]\nntoys = "many"', "ntoys must be an integer"),
+        ('[workspace]\npath = "w.json"\n[toys]\ntest_stat = "z"', "unknown test statistic"),
+        ('[toys]\nntoys = 3', "needs [workspace] path"),
+    ],
+)
+def test_bad_configs_exit_2(monkeypatch, capsys, tmp_path, text, message):
+    (tmp_path / "w.json").write_text("{}")
+    config = tmp_path / "run.toml"
+    config.write_text(text)
+    code, _, err = run(monkeypatch, capsys, "generate", config, "--store", tmp_path / "s.zarr")
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) <= 2
+
+
+def test_info_on_something_that_is_not_a_store(monkeypatch, capsys, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "info", tmp_path)
+    assert code == 2 and "not a toyfarm store" in err

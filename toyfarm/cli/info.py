@@ -1,0 +1,53 @@
+"""``toyfarm info``: what a store holds, how far its run got, and what its workers spent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from toyfarm.plan import HYPOTHESES
+from toyfarm.store import Store
+
+
+def store_info(store: Store) -> dict:
+    """The ``info --json`` contract (DESIGN.md), plus per-hypothesis detail."""
+    out = {"store": str(store.path), "patches": store.patches(), "mu": {}, "toys_planned": 0,
+           "toys_done": 0, "not_converged": 0, "observed_missing": 0}
+    for patch in out["patches"]:
+        out["mu"][patch] = [float(mu) for mu in store.mus(patch)]
+        q_obs, _ = store.observed(patch)
+        out["observed_missing"] += int(np.isnan(q_obs).sum())
+        for hyp in HYPOTHESES:
+            toys = store.toys(patch, hyp)
+            out["toys_planned"] += int(store.planned(patch, hyp).sum())
+            out["toys_done"] += int(toys.done.sum())
+            out["not_converged"] += int((toys.done & ~toys.converged).sum())
+    stats = store.stats()
+    out.update({key: stats[key] for key in ("tasks", "compiles", "cache_hits")})
+    out.update({key: round(stats[key], 3) for key in ("compile_seconds", "fit_seconds")})
+    out["run"] = store.identity
+    out["versions"] = store.meta["versions"]
+    return out
+
+
+@click.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="The JSON contract instead of text.")
+def info(store: Path, as_json: bool) -> None:
+    """What STORE holds: patches, μ, toys planned/done/not converged, worker statistics."""
+    summary = store_info(Store.open(store))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    run = summary["run"]
+    click.echo(f"store {summary['store']}: {len(summary['patches'])} patches, test statistic "
+               f"{run['test_stat']}, seed {run['seed']}")
+    done, planned = summary["toys_done"], summary["toys_planned"]
+    click.echo(f"toys: {done} of {planned} done, {summary['not_converged']} not converged; "
+               f"{summary['observed_missing']} observed statistics missing")
+    click.echo(f"tasks {summary['tasks']}: {summary['compiles']} compiles, {summary['cache_hits']} "
+               f"cache hits; {summary['compile_seconds']} s compiling, {summary['fit_seconds']} s "
+               "fitting (summed over workers)")

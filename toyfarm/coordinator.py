@@ -1,0 +1,181 @@
+"""The coordinator: plan the missing toys, send tasks through an executor, stream results to the
+store. It is the store's only writer.
+
+Any ``concurrent.futures.Executor`` works: only ``submit`` is used. A bounded window of tasks is
+in flight; each result is written as it arrives, so a run killed at any moment loses at most the
+tasks in flight, and running the same command again plans exactly what is still missing.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from toyfarm.config import RunConfig
+from toyfarm.likelihood.run import GENERATION
+from toyfarm.plan import TaskPlan, plan_tasks
+from toyfarm.progress import Progress
+from toyfarm.store import RunIdentity, Store
+from toyfarm.task import Task, TaskResult, run_task
+from toyfarm.workspace import InputError, ModelSource
+
+__all__ = ["FailedTask", "RunReport", "generate"]
+
+_VERSIONED = ("toyfarm", "pyhf", "jax", "jaxlib", "numpy", "zarr")
+_SUMMED = ("compiles", "cache_hits", "compile_seconds", "fit_seconds")
+
+
+@dataclass(frozen=True)
+class FailedTask:
+    task_id: str
+    patch: str
+    ntoys: int
+    error: str  # the last attempt's traceback, remote part included
+
+
+@dataclass
+class RunReport:
+    store: str
+    toys_planned: int = 0  # this run's missing toys
+    toys_done: int = 0
+    tasks: int = 0
+    seconds: float = 0.0
+    failed: list[FailedTask] = field(default_factory=list)
+    worker_stats: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "toys_planned": self.toys_planned,
+            "toys_done": self.toys_done,
+            "tasks": self.tasks,
+            "seconds": round(self.seconds, 3),
+            "toys_per_second": round(self.toys_done / self.seconds, 2) if self.seconds else 0.0,
+            **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.worker_stats.items()},
+            "failed": [{"task": f.task_id, "patch": f.patch, "ntoys": f.ntoys,
+                        "error": f.error.strip().splitlines()[-1]} for f in self.failed],
+        }
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def check_mu_bounds(source: ModelSource, patch: str, mus: tuple[float, ...]) -> None:
+    """Refuse μ outside the POI bounds before anything runs (workers check every patch)."""
+    model, _ = source.model(patch)
+    low, high = model.config.suggested_bounds()[model.config.poi_index]
+    for mu in mus:
+        if not low <= mu <= high:
+            raise InputError(
+                f"mu = {mu} is outside the bounds [{low}, {high}] of the POI "
+                f"{model.config.poi_name!r}; change --mu or the bounds in the measurement"
+            )
+
+
+def generate(
+    cfg: RunConfig,
+    executor: Executor,
+    progress: Callable[[int], Progress] | None = None,
+    window: int | None = None,
+) -> RunReport:
+    """Fill ``cfg.store`` with the toys ``cfg`` asks for that it does not hold yet."""
+    import time
+
+    start = time.perf_counter()
+    source = ModelSource(cfg.workspace, cfg.patchset, cfg.modifier_settings, cfg.measurement,
+                         cfg.verify_digest)
+    patches = source.check_patches(list(cfg.patches)) if cfg.patches else source.patches()
+    check_mu_bounds(source, patches[0], cfg.mu)
+    identity = RunIdentity(cfg.test_stat, GENERATION, cfg.seed, cfg.block,
+                           source.modifier_settings, cfg.measurement)
+    store = Store.create(cfg.store, identity, _versions(), cfg.save_toys)
+    ntoys = cfg.ntoys_by_hypothesis
+    report = RunReport(str(cfg.store))
+    with store.lock():
+        refs, plans = {}, []
+        labels = source.labels()
+        names = source.label_names()
+        for patch in patches:
+            refs[patch] = source.model_ref(patch)
+            store.prepare(patch, refs[patch].digest, dict(zip(names, labels.get(patch, ()), strict=True)),
+                          list(cfg.mu), ntoys)
+            plans += plan_tasks(patch, store.missing(patch, list(cfg.mu), ntoys),
+                                store.missing_observed(patch, list(cfg.mu)), cfg.batch_size,
+                                cfg.block)
+        report.toys_planned = sum(p.ntoys for p in plans)
+        tasks = [_task(cfg, refs[p.patch], p, i) for i, p in enumerate(plans)]
+        bar = (progress or Progress)(report.toys_planned)
+        try:
+            _run(tasks, executor, store, cfg.retries, window or 64, bar, report)
+        finally:
+            bar.close()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _task(cfg: RunConfig, ref, plan: TaskPlan, index: int) -> Task:
+    return Task(
+        task_id=f"{plan.patch}#{index}",
+        model=ref,
+        test_stat=cfg.test_stat,
+        seed=cfg.seed,
+        block=cfg.block,
+        ranges=plan.ranges,
+        observed=plan.observed,
+        save_toys=cfg.save_toys,
+        compilation_cache=cfg.compilation_cache,
+    )
+
+
+def _run(tasks: list[Task], executor: Executor, store: Store, retries: int, window: int,
+         bar: Progress, report: RunReport) -> None:
+    queue = list(reversed(tasks))
+    attempts: dict[str, int] = {}
+    in_flight: dict[Future, Task] = {}
+    while queue or in_flight:
+        while queue and len(in_flight) < window:
+            task = queue.pop()
+            in_flight[executor.submit(run_task, task)] = task
+        finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+        for future in finished:
+            task = in_flight.pop(future)
+            error = future.exception()
+            if error is None:
+                result = future.result()
+                _write(store, task, result)
+                report.tasks += 1
+                report.toys_done += task.ntoys
+                for key in _SUMMED:
+                    report.worker_stats[key] = report.worker_stats.get(key, 0) + result.stats[key]
+                bar.advance(task.ntoys)
+                continue
+            attempts[task.task_id] = attempts.get(task.task_id, 0) + 1
+            text = "".join(traceback.format_exception(error))
+            if isinstance(error, InputError) or attempts[task.task_id] > retries:
+                report.failed.append(FailedTask(task.task_id, task.patch, task.ntoys, text))
+                bar.note(f"task {task.task_id} failed ({task.ntoys} toys left for the next "
+                         f"run):\n{text.rstrip()}")
+            else:
+                bar.note(f"task {task.task_id} failed, retrying ({attempts[task.task_id]}/"
+                         f"{retries}): {error!r}")
+                queue.append(task)
+
+
+def _write(store: Store, task: Task, result: TaskResult) -> None:
+    for r in result.ranges:
+        store.write_toys(task.patch, r.range.mu, r.range.hypothesis, r.range.start, r.q,
+                         r.converged, r.toys)
+    for mu, (q_obs, converged) in result.observed.items():
+        store.write_observed(task.patch, mu, q_obs, converged)
+    store.add_stats(result.stats)

@@ -1,0 +1,61 @@
+"""The embedded default engine: a pool of spawned worker processes on this machine.
+
+Workers are started once per run and each keeps its ``worker_cache`` warm across tasks. They are
+spawned, never forked (a forked JAX process can deadlock). A worker that dies (killed, out of
+memory) breaks a ``ProcessPoolExecutor`` for good; this executor then starts a fresh pool on the
+next ``submit``, so the coordinator's retry of the lost tasks simply goes on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from typing import Any
+
+__all__ = ["LocalExecutor"]
+
+
+def _init_worker(threads: int) -> None:
+    # Before JAX is imported in this process: one XLA CPU thread pool per worker, sized so that
+    # the workers together use the cores without oversubscribing them.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags:
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        ).strip()
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+class LocalExecutor(Executor):
+    """``workers`` spawned processes; ``submit`` restarts the pool once it is broken."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self._threads = max(1, (os.cpu_count() or 1) // self.workers)
+        self._lock = threading.Lock()
+        self._pool = self._new_pool()
+        self.restarts = 0
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self._threads,),
+        )
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
+        with self._lock:
+            try:
+                return self._pool.submit(fn, *args, **kwargs)
+            except RuntimeError:  # BrokenProcessPool (a RuntimeError): a worker died
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new_pool()
+                self.restarts += 1
+                return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)

@@ -1,0 +1,361 @@
+"""The Zarr store of a run: the only code in toyfarm that touches Zarr.
+
+Layout (zarr v3), one group per hypothesis (patch name, or ``workspace``)::
+
+    <patch>/mu            float64 [n_mu]          tested signal strengths, in order of first use
+    <patch>/q_obs         float64 [n_mu]          observed test statistic (NaN: not computed yet)
+    <patch>/q_obs_converged  bool [n_mu]
+    <patch>/{sb,b}/q         float64 [n_mu, n_toys]  per-toy test statistic (NaN: not generated,
+                                                     or a fit that gave no finite number)
+    <patch>/{sb,b}/converged bool    [n_mu, n_toys]
+    <patch>/{sb,b}/done      bool    [n_mu, n_toys]  written last: the toy is complete
+    <patch>/{sb,b}/planned   int64   [n_mu]          toys asked for so far
+    <patch>/{sb,b}/toys      float64 [n_mu, n_toys, n_data]  with --save-toys, pyhf's data order
+
+Chunks along the toy axis are exactly one fit block, so a block's result is written into chunks
+no other block shares. zarr's LocalStore writes every chunk atomically (temporary file and
+rename) and ``done`` is written after the data, so a run killed at any moment leaves only whole
+blocks marked done; the next run redoes exactly the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from toyfarm.plan import HYPOTHESES
+from toyfarm.workspace import InputError
+
+__all__ = ["SCHEMA_VERSION", "RunIdentity", "Store", "ToyArrays"]
+
+SCHEMA_VERSION = 1
+_STAT_KEYS = ("tasks", "compiles", "cache_hits", "compile_seconds", "fit_seconds")
+_MU_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What makes toys of two runs the same toys: stores refuse to mix runs that differ here."""
+
+    test_stat: str
+    generation: str  # how toys are thrown, e.g. "lhc-conditional-mle"
+    seed: int
+    block: int
+    modifier_settings: dict[str, dict[str, str]]
+    measurement: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {field: getattr(self, field) for field in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class ToyArrays:
+    """Stored toys of one (patch, hypothesis), over the μ grid, ready for the statistics code.
+
+    ``q`` is NaN where a toy is not done; a done toy whose fit gave no number is +inf with
+    ``converged`` False, so it is counted as not converged, never used.
+    """
+
+    q: np.ndarray  # [n_mu, n_toys]
+    converged: np.ndarray
+    done: np.ndarray
+
+
+class Store:
+    """A toyfarm store on the local file system (open with ``Store.create`` or ``Store.open``)."""
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path = path
+        self._root = group
+
+    # -- opening -----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], writable: bool = False) -> Store:
+        """An existing store; a clear ``InputError`` for anything that is not one."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise InputError(f"{path} is not a toyfarm store (no zarr.json in it)")
+        try:
+            group = zarr.open_group(path, mode="r+" if writable else "r")
+            meta = group.attrs.get("toyfarm")
+        except Exception as err:  # noqa: BLE001 - zarr raises many kinds on a damaged store
+            raise InputError(f"{path} is not a readable Zarr store: {err}") from None
+        if not isinstance(meta, dict) or "schema_version" not in meta:
+            raise InputError(f"{path} is a Zarr store but not a toyfarm store")
+        if meta["schema_version"] > SCHEMA_VERSION:
+            raise InputError(
+                f"{path} was written by a newer toyfarm (store schema {meta['schema_version']}, "
+                f"this toyfarm reads up to {SCHEMA_VERSION}); upgrade toyfarm to read it"
+            )
+        return cls(path, group)
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        identity: RunIdentity,
+        versions: Mapping[str, str],
+        save_toys: bool = False,
+    ) -> Store:
+        """A new store, or the existing one at ``path`` when it holds the same kind of toys."""
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            store = cls.open(path, writable=True)
+            store.check_identity(identity)
+            if store.meta["save_toys"] != save_toys:
+                saves = "saves" if store.meta["save_toys"] else "does not save"
+                raise InputError(
+                    f"the store {path} {saves} the toys themselves; run with the same "
+                    "--save-toys choice as the run that made it"
+                )
+            return store
+        group = zarr.open_group(path, mode="w")
+        group.attrs["toyfarm"] = {
+            "schema_version": SCHEMA_VERSION,
+            "save_toys": save_toys,
+            "run": identity.as_dict(),
+            "versions": dict(versions),
+            "stats": dict.fromkeys(_STAT_KEYS, 0),
+        }
+        return cls(path, group)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self._root.attrs["toyfarm"]
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.meta["run"]
+
+    def check_identity(self, identity: RunIdentity) -> None:
+        stored = self.identity
+        for field, value in identity.as_dict().items():
+            if _normal(stored.get(field)) != _normal(value):
+                raise InputError(
+                    f"the store {self.path} holds toys with {field} = {stored.get(field)!r}, this "
+                    f"run asks for {value!r}; use another store (stores of different runs can be "
+                    "combined with 'toyfarm combine' when they describe the same toys)"
+                )
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive use by one writing process; a lock left by a dead process is taken over.
+
+        The lock file sits beside the store (``STORE.lock``), outside the Zarr hierarchy.
+        """
+        lock = self.path.with_name(self.path.name + ".lock")
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not _stale(lock):
+                    holder = _read_lock(lock)
+                    raise InputError(
+                        f"the store {self.path} is in use by another toyfarm run (pid "
+                        f"{holder.get('pid')} on {holder.get('host')}); wait for it to finish, "
+                        f"or remove {lock} if that process is gone"
+                    ) from None
+                lock.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            break
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+    # -- layout ------------------------------------------------------------------------------
+
+    def patches(self) -> list[str]:
+        return sorted(self._root.group_keys())
+
+    def has_patch(self, patch: str) -> bool:
+        return patch in self._root.group_keys()
+
+    def patch_attrs(self, patch: str) -> dict[str, Any]:
+        return dict(self._group(patch).attrs)
+
+    def prepare(
+        self,
+        patch: str,
+        digest: str,
+        labels: Mapping[str, Any],
+        mus: list[float],
+        ntoys: Mapping[str, int],
+    ) -> None:
+        """Room for ``ntoys[hypothesis]`` toys at each of ``mus`` (extends, never shrinks)."""
+        if "/" in patch or patch.startswith("."):
+            raise InputError(f"patch name {patch!r} cannot name a store group ('/' or leading '.')")
+        block = int(self.identity["block"])
+        if not self.has_patch(patch):
+            group = self._root.create_group(patch)
+            group.attrs.update({"digest": digest, "labels": dict(labels)})
+            for name, dtype, fill in (
+                ("mu", "float64", np.nan),
+                ("q_obs", "float64", np.nan),
+                ("q_obs_converged", "bool", False),
+            ):
+                group.create_array(name, shape=(0,), chunks=(_MU_CHUNK,), dtype=dtype,
+                                   fill_value=fill)
+            for hyp in HYPOTHESES:
+                sub = group.create_group(hyp)
+                sub.create_array("planned", shape=(0,), chunks=(_MU_CHUNK,), dtype="int64",
+                                 fill_value=0)
+                for name, dtype, fill in (("q", "float64", np.nan), ("converged", "bool", False),
+                                          ("done", "bool", False)):
+                    sub.create_array(name, shape=(0, 0), chunks=(1, block), dtype=dtype,
+                                     fill_value=fill)
+        group = self._group(patch)
+        if group.attrs["digest"] != digest:
+            raise InputError(
+                f"the store {self.path} holds toys of a different model for patch {patch!r} "
+                f"(model digest {group.attrs['digest'][:12]}..., this run: {digest[:12]}...); "
+                "the workspace, patch, measurement or modifier settings changed: use another store"
+            )
+        known = list(group["mu"][:])
+        new = [mu for mu in mus if mu not in known]
+        n_mu = len(known) + len(new)
+        for hyp in HYPOTHESES:
+            sub = group[hyp]
+            n_toys = max(sub["q"].shape[1], max(ntoys[hyp], 0))
+            planned = np.zeros(n_mu, dtype=np.int64)
+            planned[: len(known)] = sub["planned"][: len(known)]
+            for mu in mus:
+                i = known.index(mu) if mu in known else len(known) + new.index(mu)
+                planned[i] = max(planned[i], ntoys[hyp])
+            for name in ("q", "converged", "done", "toys"):
+                if name in sub.array_keys():
+                    shape = sub[name].shape
+                    sub[name].resize((n_mu, n_toys, *shape[2:]))
+            sub["planned"].resize((n_mu,))
+            sub["planned"][:] = planned
+        group["q_obs"].resize((n_mu,))
+        group["q_obs_converged"].resize((n_mu,))
+        group["mu"].resize((n_mu,))  # last: the μ grid is what readers trust
+        group["mu"][len(known):] = np.asarray(new, dtype=np.float64)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def mus(self, patch: str) -> np.ndarray:
+        return self._group(patch)["mu"][:]
+
+    def missing(self, patch: str, mus: list[float], ntoys: Mapping[str, int]):
+        """``{(mu, hypothesis): toy indices not done}`` among the first ``ntoys`` of each μ."""
+        group = self._group(patch)
+        known = list(group["mu"][:])
+        out = {}
+        for hyp in HYPOTHESES:
+            done = group[hyp]["done"]
+            for mu in mus:
+                row = done[known.index(mu), : ntoys[hyp]]
+                out[(mu, hyp)] = np.flatnonzero(~row)
+        return out
+
+    def missing_observed(self, patch: str, mus: list[float]) -> list[float]:
+        group = self._group(patch)
+        known = list(group["mu"][:])
+        q_obs = group["q_obs"][:]
+        return [mu for mu in mus if np.isnan(q_obs[known.index(mu)])]
+
+    def observed(self, patch: str) -> tuple[np.ndarray, np.ndarray]:
+        group = self._group(patch)
+        n_mu = group["mu"].shape[0]
+        return group["q_obs"][:n_mu], group["q_obs_converged"][:n_mu]
+
+    def toys(self, patch: str, hypothesis: str) -> ToyArrays:
+        group = self._group(patch)
+        n_mu = group["mu"].shape[0]
+        sub = group[hypothesis]
+        done = sub["done"][:n_mu]
+        q = np.where(done, np.nan_to_num(sub["q"][:n_mu], nan=np.inf), np.nan)
+        return ToyArrays(q, sub["converged"][:n_mu] & done, done)
+
+    def planned(self, patch: str, hypothesis: str) -> np.ndarray:
+        group = self._group(patch)
+        return group[hypothesis]["planned"][: group["mu"].shape[0]]
+
+    def stats(self) -> dict[str, float]:
+        return dict(self.meta["stats"])
+
+    # -- writing (the coordinator is the only writer) ----------------------------------------
+
+    def write_toys(self, patch: str, mu: float, hypothesis: str, start: int, q: np.ndarray,
+                   converged: np.ndarray, toys: np.ndarray | None = None) -> None:
+        """Results of toys ``start .. start + len(q) - 1``; ``done`` is written last."""
+        group = self._group(patch)
+        i = list(group["mu"][:]).index(mu)
+        sub = group[hypothesis]
+        stop = start + len(q)
+        q = np.where(np.isfinite(q), q, np.nan)
+        if toys is not None:
+            if "toys" not in sub.array_keys():  # a toy's length is known once one is made
+                n_mu, n_toys = sub["q"].shape
+                sub.create_array("toys", shape=(n_mu, n_toys, toys.shape[1]),
+                                 chunks=(1, int(self.identity["block"]), toys.shape[1]),
+                                 dtype="float64", fill_value=np.nan)
+            sub["toys"][i, start:stop] = toys
+        sub["converged"][i, start:stop] = np.asarray(converged, dtype=bool) & ~np.isnan(q)
+        sub["q"][i, start:stop] = q
+        sub["done"][i, start:stop] = True
+
+    def write_observed(self, patch: str, mu: float, q_obs: float, converged: bool) -> None:
+        group = self._group(patch)
+        i = list(group["mu"][:]).index(mu)
+        group["q_obs_converged"][i] = bool(converged and np.isfinite(q_obs))
+        group["q_obs"][i] = q_obs if np.isfinite(q_obs) else np.inf
+
+    def add_stats(self, task_stats: Mapping[str, float]) -> None:
+        """Add one task's worker statistics to the store's totals."""
+        meta = self.meta
+        stats = meta["stats"]
+        stats["tasks"] += 1
+        for key in _STAT_KEYS[1:]:
+            stats[key] += task_stats.get(key, 0)
+        self._root.attrs["toyfarm"] = meta
+
+    def _group(self, patch: str) -> zarr.Group:
+        try:
+            return self._root[patch]
+        except KeyError:
+            raise InputError(
+                f"the store {self.path} has no patch {patch!r} (it has: "
+                f"{', '.join(self.patches()[:5]) or 'none'})"
+            ) from None
+
+
+def _normal(value: Any) -> Any:
+    """JSON round trip, so stored attrs and fresh values compare alike (tuples vs lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _read_lock(lock: Path) -> dict[str, Any]:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _stale(lock: Path) -> bool:
+    """A lock of a process on this host that no longer exists."""
+    holder = _read_lock(lock)
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
