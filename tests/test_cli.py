@@ -22,23 +22,40 @@ def run(monkeypatch, capsys, *args):
     return code, out.out, out.err
 
 
-def test_generate_then_info(monkeypatch, capsys, tmp_path):
+def test_generate_info_cls_limit(monkeypatch, capsys, tmp_path):
     store = tmp_path / "cli.zarr"
     code, out, err = run(monkeypatch, capsys, "generate", EXAMPLE, "--store", store, "--patch",
-                         "sig_400_0", "--mu", "1.5", "--ntoys", "20", "--workers", "1",
-                         "--executor", "local")
+                         "sig_400_0", "--mu", "0.5", "--mu", "2", "--ntoys", "20", "--workers",
+                         "1", "--executor", "local")
     assert code == 0, err
     summary = json.loads(out)
-    assert summary["toys_done"] == 40 and summary["failed"] == []
+    assert summary["toys_done"] == 80 and summary["failed"] == []
     code, out, _ = run(monkeypatch, capsys, "info", store, "--json")
     info = json.loads(out)
     assert code == 0
-    assert info["patches"] == ["sig_400_0"] and info["mu"] == {"sig_400_0": [1.5]}
-    assert info["toys_planned"] == info["toys_done"] == 40
+    assert info["patches"] == ["sig_400_0"] and info["mu"] == {"sig_400_0": [0.5, 2.0]}
+    assert info["toys_planned"] == info["toys_done"] == 80
     for key in ("not_converged", "tasks", "compiles", "cache_hits", "compile_seconds",
                 "fit_seconds"):
         assert key in info
     assert info["compiles"] == 1 and info["tasks"] == 1
+
+    code, out, _ = run(monkeypatch, capsys, "cls", store, "--json")
+    table = json.loads(out)
+    assert code == 0 and set(table["sig_400_0"]) == {"0.5", "2.0"}
+    row = table["sig_400_0"]["2.0"]
+    for key in ("CLs_obs", "CLsb_obs", "CLb_obs", "CLs_obs_error"):
+        assert row[key] is None or 0 <= row[key] <= 1e9
+    assert len(row["CLs_exp"]) == 5 and row["ntoys_sb"] + row["not_converged_sb"] == 20
+    code, out, _ = run(monkeypatch, capsys, "cls", store, "--mu", "2")
+    assert code == 0 and "sig_400_0" in out and " 2 " in out
+
+    code, out, _ = run(monkeypatch, capsys, "limit", store, "--json")
+    limits = json.loads(out)
+    assert code == 0 and set(limits["sig_400_0"]) == {"obs", "exp"}
+    assert len(limits["sig_400_0"]["exp"]) == 5
+    code, _, err = run(monkeypatch, capsys, "cls", store, "--patch", "nope")
+    assert code == 2 and "no patch 'nope'" in err
 
 
 @pytest.mark.parametrize(

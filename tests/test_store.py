@@ -11,18 +11,18 @@ from toyfarm.workspace import InputError
 
 IDENTITY = RunIdentity("qtilde", "lhc-conditional-mle", 7, 4, {"normsys": {"interpcode": "code4"}},
                        None)
-NTOYS = {"sb": 10, "b": 6}
+NTOYS = {(mu, hyp): n for mu in (1.0, 2.0) for hyp, n in (("sb", 10), ("b", 6))}
 
 
 @pytest.fixture
 def store(tmp_path):
     s = Store.create(tmp_path / "s.zarr", IDENTITY, {"toyfarm": "test"})
-    s.prepare("p", "d" * 64, {"m1": 300}, [1.0, 2.0], NTOYS)
+    s.prepare("p", "d" * 64, {"m1": 300}, NTOYS)
     return s
 
 
 def test_new_store_is_empty_and_plans_everything(store):
-    missing = store.missing("p", [1.0, 2.0], NTOYS)
+    missing = store.missing("p", NTOYS)
     assert missing[(1.0, "sb")].tolist() == list(range(10))
     assert missing[(2.0, "b")].tolist() == list(range(6))
     assert store.missing_observed("p", [1.0, 2.0]) == [1.0, 2.0]
@@ -38,16 +38,18 @@ def test_written_toys_are_done_and_read_back(store):
     assert toys.q[1, 4:7].tolist() == [1.5, np.inf, 0.0]
     assert toys.converged[1, 4:7].tolist() == [True, False, False]
     assert np.isnan(toys.q[0]).all()
-    assert store.missing("p", [2.0], NTOYS)[(2.0, "sb")].tolist() == [0, 1, 2, 3, 7, 8, 9]
+    assert store.missing("p", NTOYS)[(2.0, "sb")].tolist() == [0, 1, 2, 3, 7, 8, 9]
 
 
 def test_prepare_extends_mu_and_toys_without_losing_any(store):
     store.write_toys("p", 1.0, "b", 0, np.arange(6.0), np.ones(6, bool))
-    store.prepare("p", "d" * 64, {"m1": 300}, [3.0, 1.0], {"sb": 20, "b": 6})
+    more = {(3.0, "sb"): 20, (3.0, "b"): 6, (1.0, "sb"): 20, (1.0, "b"): 6}
+    store.prepare("p", "d" * 64, {"m1": 300}, more)
     assert store.mus("p").tolist() == [1.0, 2.0, 3.0]
     assert store.planned("p", "sb").tolist() == [20, 10, 20]
     assert store.toys("p", "b").q[0].tolist() == list(np.arange(6.0))
-    assert store.missing("p", [1.0], {"sb": 20, "b": 6})[(1.0, "b")].size == 0
+    assert store.missing("p", more)[(1.0, "b")].size == 0
+    assert store.missing("p", more)[(1.0, "sb")].tolist() == list(range(20))
 
 
 def test_reopening_with_other_toys_is_refused(store, tmp_path):
@@ -55,7 +57,7 @@ def test_reopening_with_other_toys_is_refused(store, tmp_path):
     with pytest.raises(InputError, match="seed"):
         Store.create(store.path, other, {})
     with pytest.raises(InputError, match="different model"):
-        store.prepare("p", "e" * 64, {}, [1.0], NTOYS)
+        store.prepare("p", "e" * 64, {}, NTOYS)
     with pytest.raises(InputError, match="save-toys"):
         Store.create(store.path, IDENTITY, {}, save_toys=True)
 
@@ -73,13 +75,13 @@ def test_observed_and_stats(store):
 
 def test_saved_toys(tmp_path):
     s = Store.create(tmp_path / "t.zarr", IDENTITY, {}, save_toys=True)
-    s.prepare("p", "d" * 64, {}, [1.0], NTOYS)
+    s.prepare("p", "d" * 64, {}, NTOYS)
     toys = np.arange(12.0).reshape(2, 6)
     s.write_toys("p", 1.0, "sb", 2, np.array([1.0, 2.0]), np.array([True, True]), toys)
     import zarr
 
     saved = zarr.open_group(tmp_path / "t.zarr", mode="r")["p/sb/toys"]
-    assert saved.shape == (1, 10, 6)
+    assert saved.shape == (2, 10, 6)
     assert np.array_equal(saved[0, 2:4], toys) and np.isnan(saved[0, 0]).all()
 
 

@@ -29,7 +29,8 @@ DEFAULT_BLOCK = 128
 _SCHEMA: dict[str, set[str]] = {
     "workspace": {"path", "patchset", "patches", "modifier_settings", "measurement",
                   "verify_digest"},
-    "toys": {"test_stat", "mu", "ntoys", "ntoys_b", "seed", "batch_size", "block"},
+    "toys": {"test_stat", "mu", "ntoys", "ntoys_b", "seed", "batch_size", "block",
+             "target_cls_error", "max_toys"},
     "executor": {"kind", "workers", "compilation_cache", "retries"},
     "output": {"store", "save_toys"},
 }
@@ -48,6 +49,9 @@ class RunConfig:
     ntoys: int = 1000
     ntoys_b: int | None = None  # b-only toys per μ; default: as many as s+b
     seed: int = 0
+    # adaptive toys: add toys where the MC error of CLs_obs exceeds this (None: a fixed ntoys)
+    target_cls_error: float | None = None
+    max_toys: int = 20000  # cap on s+b toys per (patch, μ) for adaptive toys
     batch_size: int = 512
     block: int = DEFAULT_BLOCK
     executor: str = "local"
@@ -85,7 +89,9 @@ def _check(cfg: RunConfig) -> None:
         raise InputError(
             f"unknown executor {cfg.executor!r} (known: {', '.join(EXECUTOR_KINDS)}, funcx)"
         )
-    for name in ("ntoys", "batch_size", "block"):
+    if cfg.target_cls_error is not None and not 0 < cfg.target_cls_error < 1:
+        raise InputError(f"target_cls_error must be in (0, 1), got {cfg.target_cls_error}")
+    for name in ("ntoys", "batch_size", "block", "max_toys"):
         if getattr(cfg, name) <= 0:
             raise InputError(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.ntoys_b is not None and cfg.ntoys_b <= 0:
@@ -169,9 +175,12 @@ def load_config(path: str | os.PathLike[str]) -> RunConfig:
         values["mu"] = tuple(float(_typed("toys", "mu", m, (int, float))) for m in mus)
     if "test_stat" in toys:
         values["test_stat"] = _typed("toys", "test_stat", toys["test_stat"], str)
-    for key in ("ntoys", "ntoys_b", "seed", "batch_size", "block"):
+    for key in ("ntoys", "ntoys_b", "seed", "batch_size", "block", "max_toys"):
         if key in toys:
             values[key] = _typed("toys", key, toys[key], int)
+    if "target_cls_error" in toys:
+        values["target_cls_error"] = float(_typed("toys", "target_cls_error",
+                                                  toys["target_cls_error"], (int, float)))
     if "kind" in ex:
         kind = _typed("executor", "kind", ex["kind"], str)
         values["executor"] = _ALIASES.get(kind, kind)

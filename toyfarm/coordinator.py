@@ -8,6 +8,7 @@ tasks in flight, and running the same command again plans exactly what is still 
 
 from __future__ import annotations
 
+import math
 import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
@@ -15,15 +16,18 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
+import numpy as np
+
 from toyfarm.config import RunConfig
 from toyfarm.likelihood.run import GENERATION
 from toyfarm.plan import TaskPlan, plan_tasks
 from toyfarm.progress import Progress
+from toyfarm.stats import needs_more_toys
 from toyfarm.store import RunIdentity, Store
 from toyfarm.task import Task, TaskResult, run_task
 from toyfarm.workspace import InputError, ModelSource
 
-__all__ = ["FailedTask", "RunReport", "generate"]
+__all__ = ["FailedTask", "RunReport", "generate", "more_toys"]
 
 _VERSIONED = ("toyfarm", "pyhf", "jax", "jaxlib", "numpy", "zarr")
 _SUMMED = ("compiles", "cache_hits", "compile_seconds", "fit_seconds")
@@ -43,6 +47,7 @@ class RunReport:
     toys_planned: int = 0  # this run's missing toys
     toys_done: int = 0
     tasks: int = 0
+    rounds: int = 0  # more than one with adaptive toys
     seconds: float = 0.0
     failed: list[FailedTask] = field(default_factory=list)
     worker_stats: dict[str, float] = field(default_factory=dict)
@@ -53,6 +58,7 @@ class RunReport:
             "toys_planned": self.toys_planned,
             "toys_done": self.toys_done,
             "tasks": self.tasks,
+            "rounds": self.rounds,
             "seconds": round(self.seconds, 3),
             "toys_per_second": round(self.toys_done / self.seconds, 2) if self.seconds else 0.0,
             **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.worker_stats.items()},
@@ -100,31 +106,60 @@ def generate(
     identity = RunIdentity(cfg.test_stat, GENERATION, cfg.seed, cfg.block,
                            source.modifier_settings, cfg.measurement)
     store = Store.create(cfg.store, identity, _versions(), cfg.save_toys)
-    ntoys = cfg.ntoys_by_hypothesis
+    first = {(mu, hyp): n for mu in cfg.mu for hyp, n in cfg.ntoys_by_hypothesis.items()}
+    targets = {patch: first for patch in patches}
+    labels, names = source.labels(), source.label_names()
     report = RunReport(str(cfg.store))
     with store.lock():
-        refs, plans = {}, []
-        labels = source.labels()
-        names = source.label_names()
-        for patch in patches:
-            refs[patch] = source.model_ref(patch)
-            store.prepare(patch, refs[patch].digest, dict(zip(names, labels.get(patch, ()), strict=True)),
-                          list(cfg.mu), ntoys)
-            plans += plan_tasks(patch, store.missing(patch, list(cfg.mu), ntoys),
-                                store.missing_observed(patch, list(cfg.mu)), cfg.batch_size,
-                                cfg.block)
-        report.toys_planned = sum(p.ntoys for p in plans)
-        tasks = [_task(cfg, refs[p.patch], p, i) for i, p in enumerate(plans)]
-        bar = (progress or Progress)(report.toys_planned)
-        try:
-            _run(tasks, executor, store, cfg.retries, window or 64, bar, report)
-        finally:
-            bar.close()
+        refs = {patch: source.model_ref(patch) for patch in patches}
+        while targets:  # one round, or rounds of more toys where CLs is not yet precise enough
+            plans = []
+            for patch, ntoys in targets.items():
+                store.prepare(patch, refs[patch].digest,
+                              dict(zip(names, labels.get(patch, ()), strict=True)), ntoys)
+                plans += plan_tasks(patch, store.missing(patch, ntoys),
+                                    store.missing_observed(patch, list(cfg.mu)), cfg.batch_size,
+                                    cfg.block)
+            planned = sum(p.ntoys for p in plans)
+            report.toys_planned += planned
+            tasks = [_task(cfg, refs[p.patch], p, f"{report.rounds}.{i}")
+                     for i, p in enumerate(plans)]
+            bar = (progress or Progress)(planned)
+            try:
+                _run(tasks, executor, store, cfg.retries, window or 64, bar, report)
+            finally:
+                bar.close()
+            report.rounds += 1
+            if cfg.target_cls_error is None or report.failed:
+                break
+            targets = more_toys(store, cfg, patches)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _task(cfg: RunConfig, ref, plan: TaskPlan, index: int) -> Task:
+def more_toys(store: Store, cfg: RunConfig, patches: list[str]):
+    """Adaptive toys: double the toys of each (patch, μ) whose CLs_obs is not yet known well
+    enough (``stats.needs_more_toys``), up to ``cfg.max_toys`` s+b toys; b-only toys keep the
+    configured ratio. Returns ``{patch: {(mu, hypothesis): ntoys}}`` of what to add."""
+    from toyfarm.results import hypotests
+
+    ratio = cfg.ntoys_by_hypothesis["b"] / cfg.ntoys
+    targets: dict[str, dict[tuple[float, str], int]] = {}
+    for patch, rows in hypotests(store, patches, cfg.mu).items():
+        planned = dict(zip(store.mus(patch).tolist(), store.planned(patch, "sb"), strict=True))
+        for mu, result in rows.items():
+            n_sb = int(planned[mu])
+            if np.isnan(result.q_obs) or n_sb >= cfg.max_toys:
+                continue
+            if needs_more_toys(result, cfg.target_cls_error):
+                n_sb = min(2 * n_sb, cfg.max_toys)
+                targets.setdefault(patch, {})
+                targets[patch][(mu, "sb")] = n_sb
+                targets[patch][(mu, "b")] = max(1, math.ceil(ratio * n_sb))
+    return targets
+
+
+def _task(cfg: RunConfig, ref, plan: TaskPlan, index: str) -> Task:
     return Task(
         task_id=f"{plan.patch}#{index}",
         model=ref,

@@ -192,10 +192,9 @@ class Store:
         patch: str,
         digest: str,
         labels: Mapping[str, Any],
-        mus: list[float],
-        ntoys: Mapping[str, int],
+        ntoys: Mapping[tuple[float, str], int],
     ) -> None:
-        """Room for ``ntoys[hypothesis]`` toys at each of ``mus`` (extends, never shrinks)."""
+        """Room for ``ntoys[(mu, hypothesis)]`` toys: extends the μ grid and toys, never shrinks."""
         if "/" in patch or patch.startswith("."):
             raise InputError(f"patch name {patch!r} cannot name a store group ('/' or leading '.')")
         block = int(self.identity["block"])
@@ -225,16 +224,18 @@ class Store:
                 "the workspace, patch, measurement or modifier settings changed: use another store"
             )
         known = list(group["mu"][:])
-        new = [mu for mu in mus if mu not in known]
-        n_mu = len(known) + len(new)
+        new = list(dict.fromkeys(mu for mu, _ in ntoys if mu not in known))
+        grid = known + new
+        n_mu = len(grid)
         for hyp in HYPOTHESES:
             sub = group[hyp]
-            n_toys = max(sub["q"].shape[1], max(ntoys[hyp], 0))
+            wanted = [n for (_, h), n in ntoys.items() if h == hyp]
+            n_toys = max(sub["q"].shape[1], *wanted, 0)
             planned = np.zeros(n_mu, dtype=np.int64)
             planned[: len(known)] = sub["planned"][: len(known)]
-            for mu in mus:
-                i = known.index(mu) if mu in known else len(known) + new.index(mu)
-                planned[i] = max(planned[i], ntoys[hyp])
+            for (mu, h), n in ntoys.items():
+                if h == hyp:
+                    planned[grid.index(mu)] = max(planned[grid.index(mu)], n)
             for name in ("q", "converged", "done", "toys"):
                 if name in sub.array_keys():
                     shape = sub[name].shape
@@ -251,17 +252,16 @@ class Store:
     def mus(self, patch: str) -> np.ndarray:
         return self._group(patch)["mu"][:]
 
-    def missing(self, patch: str, mus: list[float], ntoys: Mapping[str, int]):
-        """``{(mu, hypothesis): toy indices not done}`` among the first ``ntoys`` of each μ."""
+    def missing(
+        self, patch: str, ntoys: Mapping[tuple[float, str], int]
+    ) -> dict[tuple[float, str], np.ndarray]:
+        """``{(mu, hypothesis): toy indices not done}`` among the first ``ntoys[(mu, hyp)]``."""
         group = self._group(patch)
         known = list(group["mu"][:])
-        out = {}
-        for hyp in HYPOTHESES:
-            done = group[hyp]["done"]
-            for mu in mus:
-                row = done[known.index(mu), : ntoys[hyp]]
-                out[(mu, hyp)] = np.flatnonzero(~row)
-        return out
+        return {
+            (mu, hyp): np.flatnonzero(~group[hyp]["done"][known.index(mu), :n])
+            for (mu, hyp), n in ntoys.items()
+        }
 
     def missing_observed(self, patch: str, mus: list[float]) -> list[float]:
         group = self._group(patch)
@@ -286,14 +286,34 @@ class Store:
         group = self._group(patch)
         return group[hypothesis]["planned"][: group["mu"].shape[0]]
 
+    def saved_toys(self, patch: str, hypothesis: str) -> np.ndarray | None:
+        """The toys themselves ``[n_mu, n_toys, n_data]`` where the run saved them, else None."""
+        group = self._group(patch)
+        sub = group[hypothesis]
+        return sub["toys"][: group["mu"].shape[0]] if "toys" in sub.array_keys() else None
+
+    def segments(self, patch: str, hypothesis: str) -> list[tuple[int, int, int]]:
+        """Where each seed's toys sit on the toy axis: ``(seed, offset, length)``.
+
+        A generated store holds one seed from offset 0; a combined store several side by side.
+        """
+        sub = self._group(patch)[hypothesis]
+        if "segments" in sub.attrs:
+            return [tuple(s) for s in sub.attrs["segments"]]
+        return [(int(self.identity["seed"]), 0, sub["q"].shape[1])]
+
+    def set_segments(self, patch: str, hypothesis: str, segments) -> None:
+        self._group(patch)[hypothesis].attrs["segments"] = [list(s) for s in segments]
+
     def stats(self) -> dict[str, float]:
         return dict(self.meta["stats"])
 
     # -- writing (the coordinator is the only writer) ----------------------------------------
 
     def write_toys(self, patch: str, mu: float, hypothesis: str, start: int, q: np.ndarray,
-                   converged: np.ndarray, toys: np.ndarray | None = None) -> None:
-        """Results of toys ``start .. start + len(q) - 1``; ``done`` is written last."""
+                   converged: np.ndarray, toys: np.ndarray | None = None,
+                   done: np.ndarray | None = None) -> None:
+        """Results of toys ``start .. start + len(q) - 1``; ``done`` (default: all) last."""
         group = self._group(patch)
         i = list(group["mu"][:]).index(mu)
         sub = group[hypothesis]
@@ -308,7 +328,7 @@ class Store:
             sub["toys"][i, start:stop] = toys
         sub["converged"][i, start:stop] = np.asarray(converged, dtype=bool) & ~np.isnan(q)
         sub["q"][i, start:stop] = q
-        sub["done"][i, start:stop] = True
+        sub["done"][i, start:stop] = True if done is None else done
 
     def write_observed(self, patch: str, mu: float, q_obs: float, converged: bool) -> None:
         group = self._group(patch)
@@ -316,13 +336,13 @@ class Store:
         group["q_obs_converged"][i] = bool(converged and np.isfinite(q_obs))
         group["q_obs"][i] = q_obs if np.isfinite(q_obs) else np.inf
 
-    def add_stats(self, task_stats: Mapping[str, float]) -> None:
-        """Add one task's worker statistics to the store's totals."""
+    def add_stats(self, stats: Mapping[str, float], tasks: int = 1) -> None:
+        """Add worker statistics (one task's, or another store's totals) to the store's."""
         meta = self.meta
-        stats = meta["stats"]
-        stats["tasks"] += 1
+        totals = meta["stats"]
+        totals["tasks"] += tasks
         for key in _STAT_KEYS[1:]:
-            stats[key] += task_stats.get(key, 0)
+            totals[key] += stats.get(key, 0)
         self._root.attrs["toyfarm"] = meta
 
     def _group(self, patch: str) -> zarr.Group:

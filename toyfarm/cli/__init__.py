@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from toyfarm.cli.generate import generate
-from toyfarm.cli.info import info
+from toyfarm.cli.results import cls, limit
+from toyfarm.cli.store import combine, info
 from toyfarm.workspace import InputError
 
 __all__ = ["cli", "main"]
@@ -19,6 +20,9 @@ def cli() -> None:
 
 cli.add_command(generate)
 cli.add_command(info)
+cli.add_command(cls)
+cli.add_command(limit)
+cli.add_command(combine)
 
 
 def main() -> None:

@@ -21,6 +21,10 @@ from toyfarm.likelihood.teststat import TEST_STATISTICS
 @click.option("--seed", type=int)
 @click.option("--test-stat", type=click.Choice(TEST_STATISTICS))
 @click.option("--batch-size", type=int, help="Toys per task.")
+@click.option("--target-cls-error", type=float,
+              help="Adaptive: add toys until the MC error of CLs_obs is at most this (or CLs is "
+              "3 errors from the threshold).")
+@click.option("--max-toys", type=int, help="Adaptive: cap on s+b toys per (patch, μ).")
 @click.option("--executor", type=click.Choice([*EXECUTOR_KINDS, "funcx"]))
 @click.option("--workers", type=int, help="Local worker processes (default: the cores).")
 @click.option("--save-toys", is_flag=True, default=None, help="Store the toys themselves too.")

@@ -1,4 +1,5 @@
-"""``toyfarm info``: what a store holds, how far its run got, and what its workers spent."""
+"""Commands on whole stores: ``toyfarm info`` (what a store holds, what its workers spent) and
+``toyfarm combine`` (merge stores of separate runs)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,18 @@ def info(store: Path, as_json: bool) -> None:
     click.echo(f"tasks {summary['tasks']}: {summary['compiles']} compiles, {summary['cache_hits']} "
                f"cache hits; {summary['compile_seconds']} s compiling, {summary['fit_seconds']} s "
                "fitting (summed over workers)")
+
+
+@click.command()
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--output", required=True, type=click.Path(path_type=Path),
+              help="The new combined store.")
+def combine(stores: tuple[Path, ...], output: Path) -> None:
+    """Merge STOREs of separate runs (other seeds or sites) into OUTPUT: the union of their toys.
+
+    Refuses, touching nothing, stores of different models or settings; a toy (seed, index) in
+    several inputs counts once.
+    """
+    from toyfarm.combine import combine as run
+
+    click.echo(json.dumps(run(list(stores), output), indent=2))
