@@ -111,6 +111,8 @@ def generate(
     labels, names = source.labels(), source.label_names()
     report = RunReport(str(cfg.store))
     with store.lock():
+        for line in store.check(repair=True):
+            (progress or Progress)(0).note(f"damaged, will be regenerated: {line}")
         refs = {patch: source.model_ref(patch) for patch in patches}
         while targets:  # one round, or rounds of more toys where CLs is not yet precise enough
             plans = []

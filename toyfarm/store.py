@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from toyfarm.lockfile import exclusive
 from toyfarm.plan import HYPOTHESES
 from toyfarm.workspace import InputError
 
@@ -147,34 +147,9 @@ class Store:
                     "combined with 'toyfarm combine' when they describe the same toys)"
                 )
 
-    @contextmanager
-    def lock(self) -> Iterator[None]:
-        """Exclusive use by one writing process; a lock left by a dead process is taken over.
-
-        The lock file sits beside the store (``STORE.lock``), outside the Zarr hierarchy.
-        """
-        lock = self.path.with_name(self.path.name + ".lock")
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
-        for _ in range(2):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if not _stale(lock):
-                    holder = _read_lock(lock)
-                    raise InputError(
-                        f"the store {self.path} is in use by another toyfarm run (pid "
-                        f"{holder.get('pid')} on {holder.get('host')}); wait for it to finish, "
-                        f"or remove {lock} if that process is gone"
-                    ) from None
-                lock.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            break
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
+    def lock(self) -> AbstractContextManager[None]:
+        """Exclusive use by one writing process (``STORE.lock`` beside the store)."""
+        return exclusive(self.path.with_name(self.path.name + ".lock"), f"the store {self.path}")
 
     # -- layout ------------------------------------------------------------------------------
 
@@ -272,15 +247,28 @@ class Store:
     def observed(self, patch: str) -> tuple[np.ndarray, np.ndarray]:
         group = self._group(patch)
         n_mu = group["mu"].shape[0]
-        return group["q_obs"][:n_mu], group["q_obs_converged"][:n_mu]
+        with self._damage_is_input_error(f"{patch}/q_obs"):
+            return group["q_obs"][:n_mu], group["q_obs_converged"][:n_mu]
 
     def toys(self, patch: str, hypothesis: str) -> ToyArrays:
         group = self._group(patch)
         n_mu = group["mu"].shape[0]
         sub = group[hypothesis]
-        done = sub["done"][:n_mu]
-        q = np.where(done, np.nan_to_num(sub["q"][:n_mu], nan=np.inf), np.nan)
-        return ToyArrays(q, sub["converged"][:n_mu] & done, done)
+        with self._damage_is_input_error(f"{patch}/{hypothesis}"):
+            done = sub["done"][:n_mu]
+            q = np.where(done, np.nan_to_num(sub["q"][:n_mu], nan=np.inf), np.nan)
+            converged = sub["converged"][:n_mu] & done
+        return ToyArrays(q, converged, done)
+
+    @contextmanager
+    def _damage_is_input_error(self, where: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - a damaged chunk fails in the codec
+            raise InputError(
+                f"the store {self.path} is damaged at {where} ({type(err).__name__}); run "
+                f"'toyfarm info --check {self.path}', then generate again to regenerate it"
+            ) from None
 
     def planned(self, patch: str, hypothesis: str) -> np.ndarray:
         group = self._group(patch)
@@ -345,6 +333,65 @@ class Store:
             totals[key] += stats.get(key, 0)
         self._root.attrs["toyfarm"] = meta
 
+    # -- integrity ---------------------------------------------------------------------------
+
+    def check(self, repair: bool = False) -> list[str]:
+        """Blocks whose done toys lost data (a chunk deleted or unreadable), one line each.
+
+        With ``repair`` those blocks are marked not done, so the next run regenerates exactly
+        them, and temporary files of writes cut short are removed.
+        """
+        damage = []
+        for patch in self.patches():
+            group = self._group(patch)
+            n_mu = group["mu"].shape[0]
+            for name in ("q_obs", "q_obs_converged"):
+                if not self._readable(group[name], (0,)) and repair:
+                    self._chunk_file(group[name], (0,)).unlink(missing_ok=True)
+            for hyp in HYPOTHESES:
+                sub = group[hyp]
+                data = [sub[name] for name in ("q", "converged", "toys") if name in sub]
+                n_blocks = -(-sub["done"].shape[1] // sub["done"].chunks[1])
+                for i in range(n_mu):
+                    for k in range(n_blocks):
+                        reason = self._block_damage(sub["done"], data, (i, k))
+                        if reason is None:
+                            continue
+                        mu = float(group["mu"][i])
+                        damage.append(f"{patch} {hyp} mu={mu:g} toys {k * sub['done'].chunks[1]}"
+                                      f"-{(k + 1) * sub['done'].chunks[1] - 1}: {reason}")
+                        if repair:  # a partial block's rewrite reads its chunk: drop them all
+                            for array in [sub["done"], *data]:
+                                where = (i, k) + (0,) * (array.ndim - 2)
+                                self._chunk_file(array, where).unlink(missing_ok=True)
+        if repair:
+            for partial in self.path.rglob("*.partial"):
+                partial.unlink(missing_ok=True)
+        return damage
+
+    def _block_damage(self, done: zarr.Array, data: list[zarr.Array], block: tuple) -> str | None:
+        if not self._readable(done, block):
+            return "the done flags are unreadable"
+        any_done = self._chunk_file(done, block).exists() and done.blocks[block].any()
+        for array in data:
+            where = block + (0,) * (array.ndim - 2)
+            if any_done and not self._chunk_file(array, where).exists():
+                return f"the {array.basename} chunk is missing"
+            if not self._readable(array, where):
+                return f"the {array.basename} chunk is unreadable"
+        return None
+
+    def _chunk_file(self, array: zarr.Array, block: tuple) -> Path:
+        return self.path / array.path / "c" / "/".join(map(str, block))
+
+    @staticmethod
+    def _readable(array: zarr.Array, block: tuple) -> bool:
+        try:
+            array.blocks[block]
+        except Exception:  # noqa: BLE001 - a damaged chunk fails in the codec, whichever it is
+            return False
+        return True
+
     def _group(self, patch: str) -> zarr.Group:
         try:
             return self._root[patch]
@@ -358,24 +405,3 @@ class Store:
 def _normal(value: Any) -> Any:
     """JSON round trip, so stored attrs and fresh values compare alike (tuples vs lists)."""
     return json.loads(json.dumps(value))
-
-
-def _read_lock(lock: Path) -> dict[str, Any]:
-    try:
-        return json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _stale(lock: Path) -> bool:
-    """A lock of a process on this host that no longer exists."""
-    holder = _read_lock(lock)
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False

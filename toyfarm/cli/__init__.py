@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import click
 
 from toyfarm.cli.generate import generate
@@ -25,12 +28,20 @@ cli.add_command(limit)
 cli.add_command(combine)
 
 
+def _quiet_shutdown() -> None:
+    # A read that failed on a damaged Zarr chunk leaves zarr's other pending reads behind; asyncio
+    # would log each of them at exit, burying the one line that says what is wrong.
+    logging.getLogger("asyncio").disabled = True
+    sys.unraisablehook = lambda _: None
+
+
 def main() -> None:
     """Entry point: bad input is one line on stderr and exit status 2, never a traceback."""
     try:
         cli(standalone_mode=False)
     except InputError as err:
         click.echo(f"toyfarm: error: {err}", err=True)
+        _quiet_shutdown()
         raise SystemExit(2) from None
     except click.exceptions.Abort:
         raise SystemExit(130) from None

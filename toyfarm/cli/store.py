@@ -37,12 +37,28 @@ def store_info(store: Store) -> dict:
 @click.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="The JSON contract instead of text.")
-def info(store: Path, as_json: bool) -> None:
+@click.option("--check", is_flag=True,
+              help="Read every chunk; name the toys whose data is damaged (exit 1 if any).")
+def info(store: Path, as_json: bool, check: bool) -> None:
     """What STORE holds: patches, μ, toys planned/done/not converged, worker statistics."""
-    summary = store_info(Store.open(store))
+    opened = Store.open(store)
+    damage = opened.check() if check else []
+    if damage:  # the summary reads every chunk: report the damage first, and only
+        for line in damage:
+            click.echo(f"damaged: {line}", err=True)
+        click.echo("run 'toyfarm generate' with the store's config again to regenerate them",
+                   err=True)
+        raise SystemExit(1)
+    summary = store_info(opened)
+    if check:
+        summary["damaged"] = []
     if as_json:
         click.echo(json.dumps(summary, indent=2))
-        return
+    else:
+        _print(summary)
+
+
+def _print(summary: dict) -> None:
     run = summary["run"]
     click.echo(f"store {summary['store']}: {len(summary['patches'])} patches, test statistic "
                f"{run['test_stat']}, seed {run['seed']}")
