@@ -88,7 +88,8 @@ def test_commutative_associative_and_idempotent(tmp_path):
     rng = np.random.default_rng(1)
     inputs = [(seed, {(mu, hyp): set(rng.choice(30, 12, replace=False).tolist())
                       for mu in MUS for hyp in ("sb", "b")}) for seed in (0, 1, 0)]
-    a, b, c = (make_store(tmp_path / f"{n}.zarr", s, t).path for n, (s, t) in zip("abc", inputs, strict=True))
+    a, b, c = (make_store(tmp_path / f"{name}.zarr", seed, toys).path
+               for name, (seed, toys) in zip("abc", inputs, strict=True))
     combine([a, b], tmp_path / "ab.zarr")
     combine([b, a], tmp_path / "ba.zarr")
     assert cls_of(tmp_path / "ab.zarr") == cls_of(tmp_path / "ba.zarr")
