@@ -95,6 +95,51 @@ def test_bad_configs_exit_2(monkeypatch, capsys, tmp_path, text, message):
     assert message in err and len(err.strip().splitlines()) <= 2
 
 
+def write_run(tmp_path, workspace, patchset=None, extra=""):
+    (tmp_path / "ws.json").write_text(workspace)
+    lines = ['[workspace]', 'path = "ws.json"']
+    if patchset is not None:
+        (tmp_path / "ps.json").write_text(patchset)
+        lines.append('patchset = "ps.json"')
+    config = tmp_path / "run.toml"
+    config.write_text("\n".join(lines) + "\n" + extra)
+    return config
+
+
+EXAMPLE_DIR = EXAMPLE.parent / "example"
+
+
+@pytest.mark.parametrize(
+    ("workspace", "patchset", "message"),
+    [
+        ("{not json", None, "is not valid JSON"),
+        ('{"channels": 3}', None, "fails pyhf's schema"),
+        # the shipped patchset against another background: the digest does not match
+        ((EXAMPLE_DIR / "BkgOnly.json").read_text().replace("420.0", "421.0"),
+         (EXAMPLE_DIR / "patchset.json").read_text(), "digest mismatch"),
+    ],
+)
+def test_bad_workspaces_exit_2_and_write_nothing(monkeypatch, capsys, tmp_path, workspace,
+                                                 patchset, message):
+    config = write_run(tmp_path, workspace, patchset)
+    code, _, err = run(monkeypatch, capsys, "generate", config, "--store", tmp_path / "s.zarr")
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_resuming_with_other_settings_names_the_field(monkeypatch, capsys, tmp_path):
+    store = tmp_path / "s.zarr"
+    args = ("generate", EXAMPLE, "--store", store, "--patch", "sig_400_0", "--ntoys", "8",
+            "--workers", "1")
+    assert run(monkeypatch, capsys, *args)[0] == 0
+    before = sorted(p.name for p in store.rglob("*"))
+    code, _, err = run(monkeypatch, capsys, *args, "--seed", "5")
+    assert code == 2 and "seed = 0" in err
+    code, _, err = run(monkeypatch, capsys, *args, "--test-stat", "q")
+    assert code == 2 and "test_stat" in err
+    assert sorted(p.name for p in store.rglob("*")) == before
+
+
 def test_info_on_something_that_is_not_a_store(monkeypatch, capsys, tmp_path):
     code, _, err = run(monkeypatch, capsys, "info", tmp_path)
     assert code == 2 and "not a toyfarm store" in err
