@@ -9,6 +9,7 @@ tasks in flight, and running the same command again plans exactly what is still 
 from __future__ import annotations
 
 import math
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
@@ -49,6 +50,7 @@ class RunReport:
     tasks: int = 0
     rounds: int = 0  # more than one with adaptive toys
     seconds: float = 0.0
+    first_result_seconds: float | None = None  # from the start of the run to the first write
     failed: list[FailedTask] = field(default_factory=list)
     worker_stats: dict[str, float] = field(default_factory=dict)
 
@@ -60,6 +62,8 @@ class RunReport:
             "tasks": self.tasks,
             "rounds": self.rounds,
             "seconds": round(self.seconds, 3),
+            "first_result_seconds": None if self.first_result_seconds is None
+            else round(self.first_result_seconds, 3),
             "toys_per_second": round(self.toys_done / self.seconds, 2) if self.seconds else 0.0,
             **{k: round(v, 3) if isinstance(v, float) else v for k, v in self.worker_stats.items()},
             "failed": [{"task": f.task_id, "patch": f.patch, "ntoys": f.ntoys,
@@ -96,8 +100,6 @@ def generate(
     window: int | None = None,
 ) -> RunReport:
     """Fill ``cfg.store`` with the toys ``cfg`` asks for that it does not hold yet."""
-    import time
-
     start = time.perf_counter()
     source = ModelSource(cfg.workspace, cfg.patchset, cfg.modifier_settings, cfg.measurement,
                          cfg.verify_digest)
@@ -128,7 +130,7 @@ def generate(
                      for i, p in enumerate(plans)]
             bar = (progress or Progress)(planned)
             try:
-                _run(tasks, executor, store, cfg.retries, window or 64, bar, report)
+                _run(tasks, executor, store, cfg.retries, window or 64, bar, report, start)
             finally:
                 bar.close()
             report.rounds += 1
@@ -176,7 +178,7 @@ def _task(cfg: RunConfig, ref, plan: TaskPlan, index: str) -> Task:
 
 
 def _run(tasks: list[Task], executor: Executor, store: Store, retries: int, window: int,
-         bar: Progress, report: RunReport) -> None:
+         bar: Progress, report: RunReport, start: float) -> None:
     queue = list(reversed(tasks))
     attempts: dict[str, int] = {}
     in_flight: dict[Future, Task] = {}
@@ -191,6 +193,8 @@ def _run(tasks: list[Task], executor: Executor, store: Store, retries: int, wind
             if error is None:
                 result = future.result()
                 _write(store, task, result)
+                if report.first_result_seconds is None:
+                    report.first_result_seconds = time.perf_counter() - start
                 report.tasks += 1
                 report.toys_done += task.ntoys
                 for key in _SUMMED:
