@@ -87,7 +87,8 @@ def limits(
 ) -> dict[str, dict[str, Any]]:
     """``{patch: {"obs", "exp": [5], "detail"}}``: upper limits on μ at CLs = ``level``.
 
-    ``detail`` names the grid points that bracket each crossing, or why there is none (NaN limit).
+    ``detail`` names the grid points that bracket each crossing, or why there is none (NaN limit),
+    and each limit's status (``ok``, ``below_scan``, ``above_scan``, ``no_data``).
     """
     out = {}
     for patch, rows in hypotests(store, patches).items():
@@ -99,6 +100,8 @@ def limits(
             "obs": result.obs.value,
             "exp": [limit.value for limit in result.exp],
             "detail": {"obs": result.obs.message,
-                       "exp": [limit.message for limit in result.exp]},
+                       "exp": [limit.message for limit in result.exp],
+                       "status": {"obs": result.obs.status,
+                                  "exp": [limit.status for limit in result.exp]}},
         }
     return out

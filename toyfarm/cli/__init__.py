@@ -8,6 +8,7 @@ import sys
 import click
 
 from toyfarm.cli.generate import generate
+from toyfarm.cli.plot import plot
 from toyfarm.cli.results import cls, limit
 from toyfarm.cli.store import combine, info
 from toyfarm.workspace import InputError
@@ -26,6 +27,7 @@ cli.add_command(info)
 cli.add_command(cls)
 cli.add_command(limit)
 cli.add_command(combine)
+cli.add_command(plot)
 
 
 def _quiet_shutdown() -> None:
