@@ -18,8 +18,8 @@ PathLike = str | os.PathLike[str]
 def generate(config: PathLike | RunConfig, executor: Executor | None = None,
              **overrides: Any) -> dict[str, Any]:
     """Fill a store as ``toyfarm generate`` does; keyword arguments override the config
-    (``store=``, ``mu=[...]``, ``ntoys=``, ``workers=``, ...). Pass any ``Executor`` to use it
-    instead of the configured engine. Returns the run summary."""
+    (``store=``, ``mu=[...]``, ``ntoys=``, ``workers=``, ``executor=``, ``endpoint=``, ...).
+    Pass any ``Executor`` to use it instead of the configured engine. Returns the run summary."""
     from toyfarm.coordinator import generate as run
     from toyfarm.executors import make_executor
 
@@ -27,7 +27,8 @@ def generate(config: PathLike | RunConfig, executor: Executor | None = None,
     cfg = cfg.with_overrides(**overrides)
     if executor is not None:
         return run(cfg, executor).as_dict()
-    own = make_executor(cfg.executor, cfg.workers)
+    own = make_executor(cfg.executor, cfg.workers, scheduler=cfg.scheduler,
+                        parsl_config=cfg.parsl_config, endpoint=cfg.endpoint)
     try:
         return run(cfg, own).as_dict()
     finally:

@@ -31,7 +31,8 @@ _SCHEMA: dict[str, set[str]] = {
                   "verify_digest"},
     "toys": {"test_stat", "mu", "ntoys", "ntoys_b", "seed", "batch_size", "block",
              "target_cls_error", "max_toys"},
-    "executor": {"kind", "workers", "compilation_cache", "retries"},
+    "executor": {"kind", "workers", "compilation_cache", "retries", "scheduler", "parsl_config",
+                 "endpoint"},
     "output": {"store", "save_toys"},
 }
 
@@ -56,6 +57,9 @@ class RunConfig:
     block: int = DEFAULT_BLOCK
     executor: str = "local"
     workers: int | None = None  # default: the cores
+    scheduler: str | None = None  # dask: a scheduler's address (default: a local cluster)
+    parsl_config: Path | None = None  # parsl: a Python file defining `config` (default: local)
+    endpoint: str | None = None  # globus-compute: the endpoint's UUID
     # worker-side folder for JAX's on-disk compilation cache ("~" expands on the worker); "" = off
     compilation_cache: str = DEFAULT_COMPILATION_CACHE
     retries: int = 2
@@ -77,6 +81,8 @@ class RunConfig:
         for key in ("mu", "patches"):
             if key in changes:
                 changes[key] = tuple(changes[key])
+        if "parsl_config" in changes:
+            changes["parsl_config"] = Path(changes["parsl_config"])
         return dataclasses.replace(self, **changes)
 
 
@@ -187,6 +193,11 @@ def load_config(path: str | os.PathLike[str]) -> RunConfig:
     for key in ("workers", "retries"):
         if key in ex:
             values[key] = _typed("executor", key, ex[key], int)
+    for key in ("scheduler", "endpoint"):
+        if key in ex:
+            values[key] = _typed("executor", key, ex[key], str)
+    if "parsl_config" in ex:
+        values["parsl_config"] = rel(_typed("executor", "parsl_config", ex["parsl_config"], str))
     if "compilation_cache" in ex:
         cache = _typed("executor", "compilation_cache", ex["compilation_cache"], str)
         values["compilation_cache"] = str(rel(cache)) if cache else ""

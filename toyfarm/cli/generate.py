@@ -26,7 +26,13 @@ from toyfarm.likelihood.teststat import TEST_STATISTICS
               "3 errors from the threshold).")
 @click.option("--max-toys", type=int, help="Adaptive: cap on s+b toys per (patch, μ).")
 @click.option("--executor", type=click.Choice([*EXECUTOR_KINDS, "funcx"]))
-@click.option("--workers", type=int, help="Local worker processes (default: the cores).")
+@click.option("--workers", type=int, help="Worker processes of the engines that start them on "
+              "this machine: local, dask and parsl by default, gc-engine (default: the cores).")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="dask: the scheduler of a running cluster (default: a local cluster).")
+@click.option("--parsl-config", type=click.Path(path_type=Path), metavar="FILE",
+              help="parsl: a Python file defining `config` (default: workers on this machine).")
+@click.option("--endpoint", metavar="UUID", help="globus-compute: the endpoint to run on.")
 @click.option("--save-toys", is_flag=True, default=None, help="Store the toys themselves too.")
 @click.option("--compilation-cache", help="Workers' folder for JAX's on-disk compilation cache "
               "(default ~/.cache/toyfarm/xla; '' turns it off).")
@@ -39,7 +45,8 @@ def generate(config: Path, **flags) -> None:
     from toyfarm.executors import make_executor
 
     cfg = load_config(config).with_overrides(**flags)
-    executor = make_executor(cfg.executor, cfg.workers)
+    executor = make_executor(cfg.executor, cfg.workers, scheduler=cfg.scheduler,
+                             parsl_config=cfg.parsl_config, endpoint=cfg.endpoint)
     try:
         report = run(cfg, executor)
     finally:

@@ -1,22 +1,78 @@
 """Executors: adapters from an engine to ``concurrent.futures.Executor``; the coordinator only
-calls ``submit`` on them."""
+calls ``submit`` on them (and ``shutdown`` when the run ends)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from concurrent.futures import Executor
+from pathlib import Path
 
 from toyfarm.workspace import InputError
 
-__all__ = ["EXECUTORS", "make_executor"]
+__all__ = ["EXECUTORS", "make_executor", "worker_environment"]
 
 #: engine names the CLI and configs accept (``funcx`` is another name for ``globus-compute``)
-EXECUTORS = ("local",)
+EXECUTORS = ("local", "dask", "parsl", "globus-compute", "gc-engine")
+
+# the module each engine needs, and the extra that installs it
+_NEEDS = {"dask": ("distributed", "dask"), "parsl": ("parsl", "parsl"),
+          "globus-compute": ("globus_compute_sdk", "globus"),
+          "gc-engine": ("globus_compute_endpoint", "gc-engine")}
 
 
-def make_executor(kind: str, workers: int | None = None) -> Executor:
-    """A started executor of the engine ``kind``; the caller shuts it down."""
+def make_executor(kind: str, workers: int | None = None, *, scheduler: str | None = None,
+                  parsl_config: str | os.PathLike[str] | None = None,
+                  endpoint: str | None = None) -> Executor:
+    """A started executor of the engine ``kind``; the caller shuts it down.
+
+    ``workers`` sizes the engines that start their own workers on this machine (local, dask
+    without ``scheduler``, parsl without ``parsl_config``, gc-engine); ``scheduler`` is a Dask
+    scheduler address, ``parsl_config`` a Python file defining a Parsl ``config``, ``endpoint``
+    a Globus Compute endpoint UUID.
+    """
+    kind = "globus-compute" if kind == "funcx" else kind
+    if kind not in EXECUTORS:
+        raise InputError(f"unknown executor {kind!r} (known: {', '.join(EXECUTORS)}, funcx)")
+    if kind in _NEEDS:
+        module, extra = _NEEDS[kind]
+        if importlib.util.find_spec(module) is None:
+            raise InputError(f"the {kind} executor needs {module.replace('_', '-')}: "
+                             f"pip install 'toyfarm[{extra}]'")
     if kind == "local":
         from toyfarm.executors.local import LocalExecutor
 
         return LocalExecutor(workers)
-    raise InputError(f"unknown executor {kind!r} (known: {', '.join(EXECUTORS)})")
+    if kind == "dask":
+        from toyfarm.executors.dask import DaskExecutor
+
+        return DaskExecutor(workers, scheduler)
+    if kind == "parsl":
+        from toyfarm.executors.parsl import ParslExecutor
+
+        return ParslExecutor(workers, Path(parsl_config) if parsl_config else None)
+    if kind == "globus-compute":
+        from toyfarm.executors.globus import GlobusComputeExecutor
+
+        if not endpoint:
+            raise InputError("the globus-compute executor needs an endpoint: --endpoint UUID "
+                             "or [executor] endpoint")
+        return GlobusComputeExecutor(endpoint)
+    from toyfarm.executors.gc_engine import GCEngineExecutor
+
+    return GCEngineExecutor(workers)
+
+
+def worker_environment(workers: int) -> dict[str, str]:
+    """Environment for ``workers`` worker processes sharing this machine's cores, as the local
+    executor's workers get it: one XLA CPU thread pool per worker, sized so that the workers
+    together use the cores without oversubscribing them. The same flags also give the same
+    keys in JAX's on-disk compilation cache, so all local engines share its programs."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    flags = os.environ.get("XLA_FLAGS", "")
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags:
+        env["XLA_FLAGS"] = (
+            f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        ).strip()
+    return env

@@ -14,18 +14,14 @@ import threading
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
+from toyfarm.executors import worker_environment
+
 __all__ = ["LocalExecutor"]
 
 
-def _init_worker(threads: int) -> None:
-    # Before JAX is imported in this process: one XLA CPU thread pool per worker, sized so that
-    # the workers together use the cores without oversubscribing them.
-    flags = os.environ.get("XLA_FLAGS", "")
-    if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags:
-        os.environ["XLA_FLAGS"] = (
-            f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        ).strip()
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+def _init_worker(env: dict[str, str]) -> None:
+    # Before JAX is imported in this process (see ``worker_environment``).
+    os.environ.update(env)
 
 
 class LocalExecutor(Executor):
@@ -33,7 +29,6 @@ class LocalExecutor(Executor):
 
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers or os.cpu_count() or 1
-        self._threads = max(1, (os.cpu_count() or 1) // self.workers)
         self._lock = threading.Lock()
         self._pool = self._new_pool()
         self.restarts = 0
@@ -43,7 +38,7 @@ class LocalExecutor(Executor):
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(self._threads,),
+            initargs=(worker_environment(self.workers),),
         )
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
