@@ -140,6 +140,8 @@ def test_resuming_with_other_settings_names_the_field(monkeypatch, capsys, tmp_p
     assert sorted(p.name for p in store.rglob("*")) == before
 
 
-def test_info_on_something_that_is_not_a_store(monkeypatch, capsys, tmp_path):
-    code, _, err = run(monkeypatch, capsys, "info", tmp_path)
-    assert code == 2 and "not a toyfarm store" in err
+@pytest.mark.parametrize("command", ["info", "cls", "limit", "plot"])
+def test_commands_on_something_that_is_not_a_store(monkeypatch, capsys, tmp_path, command):
+    extra = ["--output", tmp_path / "png"] if command == "plot" else []
+    code, _, err = run(monkeypatch, capsys, command, tmp_path, *extra)
+    assert code == 2 and "not a toyfarm store" in err and "Traceback" not in err

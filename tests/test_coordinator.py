@@ -98,3 +98,52 @@ def test_more_toys_and_mu_extend_the_store(reference, tmp_path, xla_cache):
         report = generate(small_config(tmp_path, xla_cache), pool)
     assert report.toys_planned == 2 * ((40 - 24) + (24 - 8)) + 2 * (40 + 24)
     assert_identical(stored(cfg.store), stored(grown.store))
+
+
+class FakeRemote(Executor):
+    """A remote engine whose service outlives the client: tasks run when sent, results wait in
+    ``service`` until someone collects them (as Globus Compute keeps them). A client that will
+    be stopped (``stop_after``) never hears back from its tasks."""
+
+    task_group_id = "group-1"
+
+    def __init__(self, service, stop_after=None):
+        self.service, self.stop_after, self.sent = service, stop_after, 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        if self.stop_after is not None and self.sent == self.stop_after:
+            raise KeyboardInterrupt("the laptop closes")
+        remote_id = f"task-{len(self.service)}"
+        self.service[remote_id] = fn(*args, **kwargs)
+        self.sent += 1
+        future = Future()
+        future.remote_task_id = remote_id
+        if self.stop_after is None:  # a client that stays to hear back
+            future.set_result(self.service[remote_id])
+        return future
+
+    @staticmethod
+    def task_id(future):
+        return getattr(future, "remote_task_id", None)
+
+    def reattach(self, task_ids, task_group_id=None):
+        assert task_group_id == self.task_group_id
+        futures = {}
+        for remote_id in task_ids:
+            futures[remote_id] = Future()
+            futures[remote_id].set_result(self.service[remote_id])
+        return futures
+
+
+def test_fire_and_forget_collects_earlier_tasks_first(reference, tmp_path, xla_cache):
+    cfg, full = reference
+    run = small_config(tmp_path, xla_cache)
+    service = {}
+    with pytest.raises(KeyboardInterrupt):
+        generate(run, FakeRemote(service, stop_after=2))
+    assert len(Store.open(run.store).submitted()) == 2  # sent, never collected
+    again = FakeRemote(service)
+    assert not generate(run, again).failed
+    assert again.sent == full.tasks - 2  # only what was truly missing went out again
+    assert Store.open(run.store).submitted() == {}
+    assert_identical(stored(cfg.store), stored(run.store))

@@ -21,7 +21,7 @@ import numpy as np
 
 from toyfarm.config import RunConfig
 from toyfarm.likelihood.run import GENERATION
-from toyfarm.plan import TaskPlan, plan_tasks
+from toyfarm.plan import TaskPlan, ToyRange, plan_tasks
 from toyfarm.progress import Progress
 from toyfarm.stats import needs_more_toys
 from toyfarm.store import RunIdentity, Store
@@ -116,6 +116,13 @@ def generate(
         for line in store.check(repair=True):
             (progress or Progress)(0).note(f"damaged, will be regenerated: {line}")
         refs = {patch: source.model_ref(patch) for patch in patches}
+        earlier = _reattach(store, executor, source, cfg, (progress or Progress)(0))
+        if earlier:  # results of tasks an earlier run sent off and never collected
+            bar = (progress or Progress)(sum(t.ntoys for t in earlier.values()))
+            try:
+                _run([], executor, store, cfg.retries, window or 64, bar, report, start, earlier)
+            finally:
+                bar.close()
         while targets:  # one round, or rounds of more toys where CLs is not yet precise enough
             plans = []
             for patch, ntoys in targets.items():
@@ -177,18 +184,67 @@ def _task(cfg: RunConfig, ref, plan: TaskPlan, index: str) -> Task:
     )
 
 
+def _record(task: Task, group: str | None) -> dict[str, Any]:
+    return {"task": task.task_id, "patch": task.patch, "group": group,
+            "ranges": [[r.mu, r.hypothesis, r.start, r.stop] for r in task.ranges],
+            "observed": list(task.observed)}
+
+
+def _reattach(store: Store, executor: Executor, source: ModelSource, cfg: RunConfig,
+              bar: Progress) -> dict[Future, Task]:
+    """Futures of the tasks an earlier run sent to a remote engine (fire and forget)."""
+    pending = store.submitted()
+    if not pending:
+        return {}
+    if not hasattr(executor, "reattach"):
+        bar.note(f"{len(pending)} tasks sent by an earlier run cannot be collected by this "
+                 "executor; their toys are planned again")
+        for remote_id in pending:
+            store.set_submitted(remote_id, None)
+        return {}
+    out = {}
+    for group in {record["group"] for record in pending.values()}:
+        ids = [rid for rid, record in pending.items() if record["group"] == group]
+        for remote_id, future in executor.reattach(ids, group).items():
+            record = pending[remote_id]
+            ranges = tuple(ToyRange(float(mu), hyp, start, stop)
+                           for mu, hyp, start, stop in record["ranges"])
+            plan = TaskPlan(record["patch"], ranges, tuple(record["observed"]))
+            task = _task(cfg, source.model_ref(record["patch"]), plan, record["task"])
+            out[future] = task
+            future.remote_id = remote_id
+    bar.note(f"collecting {len(out)} tasks sent by an earlier run")
+    return out
+
+
+def _track_remote(executor: Executor, store: Store, in_flight: dict[Future, Task]) -> None:
+    """Record in the store the remote ids of tasks in flight, once the engine knows them."""
+    task_id = getattr(executor, "task_id", None)
+    if task_id is None:
+        return
+    for future, task in in_flight.items():
+        if getattr(future, "remote_id", None) is None and (remote := task_id(future)):
+            future.remote_id = remote
+            store.set_submitted(remote, _record(task, getattr(executor, "task_group_id", None)))
+
+
 def _run(tasks: list[Task], executor: Executor, store: Store, retries: int, window: int,
-         bar: Progress, report: RunReport, start: float) -> None:
+         bar: Progress, report: RunReport, start: float,
+         in_flight: dict[Future, Task] | None = None) -> None:
     queue = list(reversed(tasks))
     attempts: dict[str, int] = {}
-    in_flight: dict[Future, Task] = {}
+    in_flight = dict(in_flight or {})
     while queue or in_flight:
         while queue and len(in_flight) < window:
             task = queue.pop()
             in_flight[executor.submit(run_task, task)] = task
-        finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            _track_remote(executor, store, in_flight)
+        _track_remote(executor, store, in_flight)
+        finished, _ = wait(in_flight, timeout=5.0, return_when=FIRST_COMPLETED)
         for future in finished:
             task = in_flight.pop(future)
+            if getattr(future, "remote_id", None) is not None:
+                store.set_submitted(future.remote_id, None)
             error = future.exception()
             if error is None:
                 result = future.result()

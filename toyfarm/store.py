@@ -324,6 +324,20 @@ class Store:
         group["q_obs_converged"][i] = bool(converged and np.isfinite(q_obs))
         group["q_obs"][i] = q_obs if np.isfinite(q_obs) else np.inf
 
+    def submitted(self) -> dict[str, dict[str, Any]]:
+        """Tasks sent to a remote engine whose results are not written yet, by remote task id."""
+        return dict(self.meta.get("submitted", {}))
+
+    def set_submitted(self, remote_id: str, record: dict[str, Any] | None) -> None:
+        """Remember a remote task (fire and forget), or forget it (``None``) once written."""
+        meta = self.meta
+        pending = meta.setdefault("submitted", {})
+        if record is None:
+            pending.pop(remote_id, None)
+        else:
+            pending[remote_id] = record
+        self._root.attrs["toyfarm"] = meta
+
     def add_stats(self, stats: Mapping[str, float], tasks: int = 1) -> None:
         """Add worker statistics (one task's, or another store's totals) to the store's."""
         meta = self.meta
