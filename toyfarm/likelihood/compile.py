@@ -5,7 +5,10 @@ Layout. The expected count of sample ``s`` in global bin ``b`` lives in cell ``c
     rate[c] = (nominal[c] + sum_i Δ_i(α_i)[c]) * prod_i f_i(α_i)[c] * prod_k γ[slot[c, k]]
 
 - ``α`` are the *interpolated* parameters (normsys and histosys; one name may carry both), evaluated
-  densely over ``[n_interp, cells]`` coefficient arrays (absent entries are neutral: f = 1, Δ = 0);
+  densely over coefficient arrays (absent entries are neutral: f = 1, Δ = 0). A histosys varies
+  per cell: ``[n_interp, cells]``. A normsys factor is one number per (sample, channel) *group*
+  ``g = s * n_channels + h``: ``[n_interp, groups]``, and bins read it through ``bin_channel``.
+  Groups are fewer than cells, and the Hessian's interpolated block is a product over groups;
 - ``γ`` are the *linear* factors (normfactor, lumi, shapefactor, staterror, shapesys): each
   cell lists the few it is multiplied by in ``slot[c, :]``, padded with a slot that always holds 1.
 
@@ -35,10 +38,12 @@ class Likelihood:
     """A HistFactory model as arrays (a JAX pytree; sizes and codes are static)."""
 
     nominal: np.ndarray  # [cells]
-    normsys: np.ndarray  # [k, n_interp, cells] coefficients of the normsys code
+    normsys: np.ndarray  # [k, n_interp, groups] coefficients of the normsys code
     histosys: np.ndarray  # [k, n_interp, cells] coefficients of the histosys code
     linear_slot: np.ndarray  # [cells, n_slots] int, n_linear = the constant-1 pad
     linear_onehot: np.ndarray  # [cells, n_slots, n_linear] float, 0 for the pad
+    bin_channel: np.ndarray  # [n_bins] int, channel of each bin
+    channel_bins: np.ndarray  # [n_bins, n_channels] float, 1 where the bin is in the channel
     aux_param: np.ndarray  # [n_aux] int, internal index constrained by each auxdata slot
     aux_poisson: np.ndarray  # [n_aux] bool: Poisson (shapesys) rather than Gaussian
     aux_scale: np.ndarray  # [n_aux]: Gaussian sigma, or Poisson rate factor tau
@@ -49,6 +54,7 @@ class Likelihood:
     order: np.ndarray  # [n_pars] internal index -> pyhf index
     n_samples: int
     n_bins: int
+    n_channels: int
     n_interp: int
     poi: int  # internal index of the parameter of interest
     normsys_code: str
@@ -61,6 +67,10 @@ class Likelihood:
     @property
     def n_linear(self) -> int:
         return self.n_pars - self.n_interp
+
+    @property
+    def n_groups(self) -> int:
+        return self.n_samples * self.n_channels
 
     @property
     def n_aux(self) -> int:
@@ -79,7 +89,7 @@ class Likelihood:
         return pars[..., inverse]
 
 
-_STATIC = {"n_samples", "n_bins", "n_interp", "poi", "normsys_code", "histosys_code"}
+_STATIC = {"n_samples", "n_bins", "n_channels", "n_interp", "poi", "normsys_code", "histosys_code"}
 jax.tree_util.register_dataclass(
     Likelihood,
     data_fields=[f.name for f in fields(Likelihood) if f.name not in _STATIC],
@@ -142,15 +152,20 @@ def compile_model(model: pyhf.pdf.Model) -> Likelihood:
     internal = {pyhf_index: i for i, pyhf_index in enumerate(order)}
     n_interp = len(interp)
 
+    channels = list(config.channels)
+    n_channels = len(channels)
     nominal = np.zeros((n_samples, n_bins))
-    ns_lo, ns_hi = np.ones((2, n_interp, n_samples, n_bins))
+    ns_lo, ns_hi = np.ones((2, n_interp, n_samples, n_channels))
     hs_lo, hs_hi = np.zeros((2, n_interp, n_samples, n_bins))
     hs_set = np.zeros((n_interp, n_samples, n_bins), dtype=bool)
     slots: list[list[list[int]]] = [[[] for _ in range(n_bins)] for _ in range(n_samples)]
     staterror_offset = _staterror_offsets(model)
 
+    bin_channel = np.zeros(n_bins, dtype=np.int64)
     for channel in model.spec["channels"]:
         bins = config.channel_slices[channel["name"]]
+        h = channels.index(channel["name"])
+        bin_channel[bins] = h
         for sample in channel["samples"]:
             s = samples.index(sample["name"])
             nominal[s, bins] = sample["data"]
@@ -159,7 +174,7 @@ def compile_model(model: pyhf.pdf.Model) -> Likelihood:
                 kind, data = modifier["type"], modifier["data"]
                 if kind == "normsys":
                     i = internal[start]
-                    ns_lo[i, s, bins], ns_hi[i, s, bins] = data["lo"], data["hi"]
+                    ns_lo[i, s, h], ns_hi[i, s, h] = data["lo"], data["hi"]
                 elif kind == "histosys":
                     i = internal[start]
                     hs_lo[i, s, bins], hs_hi[i, s, bins] = data["lo_data"], data["hi_data"]
@@ -199,10 +214,14 @@ def compile_model(model: pyhf.pdf.Model) -> Likelihood:
     bounds = np.asarray(config.suggested_bounds(), dtype=np.float64)[order]
     return Likelihood(
         nominal=nominal.reshape(cells),
-        normsys=normsys_coefficients(normsys_code, flat(ns_lo), flat(ns_hi)),
+        normsys=normsys_coefficients(
+            normsys_code, *(a.reshape(n_interp, n_samples * n_channels) for a in (ns_lo, ns_hi))
+        ),
         histosys=histosys_coefficients(
             histosys_code, flat(hs_lo), flat(np.broadcast_to(nominal, hs_lo.shape)), flat(hs_hi)
         ),
+        bin_channel=bin_channel,
+        channel_bins=(bin_channel[:, None] == np.arange(n_channels)).astype(np.float64),
         linear_slot=linear_slot,
         linear_onehot=linear_onehot,
         aux_param=np.array(aux_param, dtype=np.int64),
@@ -215,6 +234,7 @@ def compile_model(model: pyhf.pdf.Model) -> Likelihood:
         order=order,
         n_samples=n_samples,
         n_bins=n_bins,
+        n_channels=n_channels,
         n_interp=n_interp,
         poi=internal[config.poi_index],
         normsys_code=normsys_code,

@@ -1,14 +1,13 @@
-"""Bounded maximum-likelihood fits: a projected Newton method with a step radius.
+"""Batched bounded maximum-likelihood fits: ``newton.py``'s iteration over a batch, driven from
+the host.
 
-Written for one problem and vmapped from outside (optimistix style): nothing raises inside, every
-fit comes back with a status code. Each iteration takes the Newton step of the exact Hessian from
-``nll_derivatives``; where that is not positive definite (far from the minimum the curvature of
-the rates can make it indefinite) the next step uses the Gauss-Newton matrix instead. A radius on
-the largest parameter move globalises it: a step that does not lower -log L is retried four times
-shorter, a step the quadratic model predicted well lets the radius grow. Near the minimum steps
-are plain Newton steps and convergence is quadratic. Bounds are handled by projection: a
-parameter on a bound with the gradient pushing outwards is held for that iteration, steps are
-clipped to the box.
+Each toy is its own problem; ``minimize`` runs the iteration on all of them at once, in chunks of
+rows that run one after the other inside one compiled program. Small chunks keep a chunk's
+intermediates in cache (per toy, chunks of 16 run about twice as fast as one batch of 256) and
+its LAPACK calls never overlap another chunk's (see ``newton._factorize``). The loop runs on the
+host: it stops as soon as every fit has finished, chunks without a running fit are skipped, and
+the running fits are gathered into as few chunks as they fill, so a hard toy costs its chunk, not
+the batch, its extra iterations.
 """
 
 from __future__ import annotations
@@ -19,124 +18,70 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from toyfarm.likelihood import newton
 from toyfarm.likelihood.compile import Likelihood
-from toyfarm.likelihood.logpdf import nll_derivatives
+from toyfarm.likelihood.newton import CONVERGED, MAX_ITERATIONS, NOT_FINITE, RUNNING
 
 __all__ = ["CONVERGED", "MAX_ITERATIONS", "NOT_FINITE", "FitResult", "minimize"]
 
-CONVERGED, MAX_ITERATIONS, NOT_FINITE = 0, 1, 2
-_RUNNING = -1
-
-#: converged when the Newton step predicts less than this decrease of -log L (q moves 2x that)
-NLL_TOLERANCE = 1e-9
-MAX_ITER = 100
-_RADIUS_START, _RADIUS_MIN = 2.0, 1e-10
-_RIDGE = 1e-10  # relative diagonal shift: keeps singular free directions solvable
+#: iterations (Hessian evaluations) before a fit is given up
+MAX_ITER = 50
+_CHUNK = 16  # rows per chunk
+_TAIL = 4  # batch size for the last stragglers
+_CHORDS = 1  # chord steps per Hessian
 
 
 class FitResult(NamedTuple):
     pars: jax.Array  # internal order
     nll: jax.Array
     status: jax.Array  # CONVERGED, MAX_ITERATIONS or NOT_FINITE
-    iterations: jax.Array
+    iterations: jax.Array  # Hessian evaluations
 
 
-class _State(NamedTuple):
-    pars: jax.Array
-    nll: jax.Array
-    grad: jax.Array
-    hess: jax.Array
-    gauss_newton: jax.Array
-    radius: jax.Array  # largest allowed move of any parameter
-    exact: jax.Array  # step with the exact Hessian (else Gauss-Newton)
-    iteration: jax.Array
-    status: jax.Array
+def _chunked(fn, batched, skip_finished=False):
+    """jit of ``fn`` vmapped over the rows of the arguments flagged in ``batched``.
 
-
-def _solve(h, g, free):
-    """Newton step ``-h⁻¹ g`` on the free parameters; NaN where ``h`` is not positive definite."""
-    both = free[:, None] & free[None, :]
-    ridge = _RIDGE * jnp.maximum(jnp.abs(jnp.diagonal(h)), 1e-12)
-    shifted = jnp.where(both, h, 0.0) + jnp.diag(jnp.where(free, ridge, 1.0))
-    return -jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(shifted), True), g)
-
-
-def _newton_step(state: _State, fixed, lower, upper):
-    """The Newton step on the parameters not held, and the decrease its quadratic model predicts.
-
-    One factorisation per iteration: jaxlib 0.10 on CPU deadlocks when two LAPACK calls of one
-    program may run concurrently on a small thread pool.
+    Batches larger than ``_CHUNK`` come in whole chunks, which run one after the other. With
+    ``skip_finished`` (the last argument is a ``newton.State``) a chunk without a running row
+    passes through untouched.
     """
-    x, g = state.pars, state.grad
-    free = ~(fixed | ((x <= lower) & (g > 0)) | ((x >= upper) & (g < 0)))
-    g_free = jnp.where(free, g, 0.0)
-    h = jnp.where(state.exact, state.hess, state.gauss_newton)
-    step = _solve(h, g_free, free)
-    predicted = -(jnp.dot(g_free, step) + 0.5 * jnp.dot(step, h @ step))
-    return step, predicted
+
+    def run(*args):
+        def per_row(*rows):
+            it = iter(rows)
+            return fn(*(next(it) if b else a for a, b in zip(args, batched, strict=True)))
+
+        mapped = jax.vmap(per_row)
+        rows = tuple(a for a, b in zip(args, batched, strict=True) if b)
+        n = rows[0].shape[0]
+        if n <= _CHUNK:
+            return mapped(*rows)
+
+        def body(carry, chunk):
+            if not skip_finished:
+                return carry, mapped(*chunk)
+            running = jnp.any(chunk[-1].status == RUNNING)
+            return carry, jax.lax.cond(running, lambda c: mapped(*c), lambda c: c[-1], chunk)
+
+        split = lambda a: a.reshape(n // _CHUNK, _CHUNK, *a.shape[1:])  # noqa: E731
+        _, out = jax.lax.scan(body, None, jax.tree_util.tree_map(split, rows))
+        return jax.tree_util.tree_map(lambda a: a.reshape(n, *a.shape[2:]), out)
+
+    return jax.jit(run)
 
 
-def _start(lk: Likelihood, data, init, fixed, lower, upper) -> _State:
-    x0 = jnp.clip(init, lower, upper)
-    nll0, g0, h0, gn0 = nll_derivatives(lk, x0, data)
-    status0 = jnp.where(jnp.isfinite(nll0), _RUNNING, NOT_FINITE)
-    return _State(
-        x0,
-        nll0,
-        g0,
-        h0,
-        gn0,
-        jnp.asarray(_RADIUS_START),
-        jnp.asarray(True),
-        jnp.asarray(0),
-        status0,
-    )
+_start = _chunked(newton.start, (False, True, True, False, False))
+_start_shared = _chunked(newton.start_shared, (False, True, True, True, False, False, False))
+_iterate = _chunked(
+    lambda *a: newton.iterate(*a, max_iter=MAX_ITER, chords=_CHORDS),
+    (False, True, True, False, False, True),
+    skip_finished=True,
+)
 
 
-def _iterate(lk: Likelihood, data, fixed, lower, upper, state: _State) -> _State:
-    """One iteration; a finished fit passes through unchanged."""
-    step, predicted = _newton_step(state, fixed, lower, upper)
-    usable = jnp.all(jnp.isfinite(step))
-    step = jnp.where(usable, step, 0.0)
-    length = jnp.max(jnp.abs(step))
-    done = usable & state.exact & (predicted < NLL_TOLERANCE)
-    shrink = jnp.minimum(1.0, state.radius / jnp.maximum(length, 1e-300))
-    trial = jnp.clip(state.pars + shrink * step, lower, upper)
-    nll, grad, hess, gauss_newton = nll_derivatives(lk, trial, data)
-    running = state.status == _RUNNING
-    accept = running & usable & ~done & jnp.isfinite(nll) & (nll <= state.nll)
-    # how well the quadratic model predicted the decrease of the (possibly shortened) step
-    model = shrink * (1.0 - 0.5 * shrink) * predicted
-    good = accept & ((state.nll - nll) > 0.5 * model)
-    taken = shrink * length
-    radius = jnp.where(
-        accept,
-        jnp.where(good, jnp.maximum(state.radius, 4 * taken), state.radius),
-        jnp.where(usable, 0.25 * taken, state.radius),
-    )
-    # an indefinite exact Hessian: Gauss-Newton (always positive) until a step is accepted
-    exact = jnp.where(state.exact, usable, accept)
-    stuck = usable & ~accept & ~done & (radius < _RADIUS_MIN)
-    iteration = state.iteration + running
-    status = jnp.where(
-        done, CONVERGED, jnp.where(stuck | (iteration >= MAX_ITER), MAX_ITERATIONS, _RUNNING)
-    )
-    keep = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
-    return _State(
-        keep(trial, state.pars),
-        keep(nll, state.nll),
-        keep(grad, state.grad),
-        keep(hess, state.hess),
-        keep(gauss_newton, state.gauss_newton),
-        jnp.where(running, radius, state.radius),
-        jnp.where(running, exact, state.exact),
-        iteration,
-        jnp.where(running, status, state.status),
-    )
-
-
-_start_batch = jax.jit(jax.vmap(_start, (None, 0, 0, 0, None, None)))
-_iterate_batch = jax.jit(jax.vmap(_iterate, (None, 0, 0, None, None, 0)))
+@jax.jit
+def _metric_factor(metric, free):
+    return jnp.linalg.cholesky(newton.masked(metric, free))
 
 
 def _rows(tree, index):
@@ -147,32 +92,58 @@ def _put_rows(tree, index, rows):
     return jax.tree_util.tree_map(lambda a, b: a.at[index].set(b), tree, rows)
 
 
-def minimize(lk: Likelihood, data, init, fixed, lower=None, upper=None) -> FitResult:
+def _regroup(running: np.ndarray) -> np.ndarray | None:
+    """Rows to keep working on, running ones first; None to go on as is.
+
+    The few last stragglers move to a batch of ``_TAIL`` (or one chunk): a chunk of 16 costs 16
+    fits. Otherwise the running rows are gathered when that empties a chunk.
+    """
+    count, size = int(running.sum()), running.size
+    target = next((t for t in (_TAIL, _CHUNK) if count <= t < size), size)
+    if target == size:
+        active = running.reshape(-1, min(size, _CHUNK)).any(axis=1).sum()
+        if active == -(-count // _CHUNK):
+            return None
+    return np.argsort(~running, kind="stable")[:target]
+
+
+def minimize(
+    lk: Likelihood, data, init, fixed, lower=None, upper=None, metric=None
+) -> FitResult:
     """Minimise -log L(pars | data) for a batch: ``data [n, n_data]``, ``init``/``fixed [n, P]``.
 
     Fixed parameters stay at their init; ``lower``/``upper`` default to the model's bounds.
-    Parameters are in internal order. The iteration loop runs on the host, which lets it stop as
-    soon as the batch is done and carry on with only the stragglers (in power-of-two sub-batches,
-    so a few shapes get compiled): one hard toy no longer costs every toy of the batch its
-    iterations. Each toy's fit depends on that toy alone; regrouping changes it only by rounding
-    (XLA's CPU arithmetic depends on the batch shape at the 1e-13 level).
+    Parameters are in internal order. ``metric`` (optional, ``[P, P]`` positive definite, e.g.
+    ``fisher_information`` at the point toys were thrown at) gives every row its first step: one
+    factorisation for the whole batch, and no Hessian at a start point where it is often
+    indefinite. It is used where every row holds the same parameters fixed.
+
+    Each toy's fit depends on that toy alone: every chunk runs the same program whatever its
+    other rows, so regrouping changes nothing.
     """
     lower = jnp.asarray(lk.lower if lower is None else lower)
     upper = jnp.asarray(lk.upper if upper is None else upper)
-    data, fixed = jnp.asarray(data), jnp.asarray(fixed)
-    final = _start_batch(lk, data, jnp.asarray(init), fixed, lower, upper)
-    rows = np.arange(data.shape[0])
-    state, sub_data, sub_fixed = final, data, fixed
+    data, init, fixed = jnp.asarray(data), jnp.asarray(init), jnp.asarray(fixed)
+    n = data.shape[0]
+    size = n if n <= _CHUNK else -(-n // _CHUNK) * _CHUNK
+    source = np.arange(size) % n  # padding rows repeat the first ones and are dropped
+    data, init, fixed = data[source], init[source], fixed[source]
+    fixed_host = np.asarray(fixed)
+    if metric is not None and np.all(fixed_host == fixed_host[:1]):
+        factor = _metric_factor(jnp.asarray(metric), ~fixed[0])
+        state = _start_shared(lk, data, init, fixed, lower, upper, factor)
+    else:
+        state = _start(lk, data, init, lower, upper)
+    state = state._replace(status=jnp.where(source != np.arange(size), CONVERGED, state.status))
+    everything, rows = state, np.arange(size)  # the rows the working state holds
     for _ in range(MAX_ITER):
-        running = np.flatnonzero(np.asarray(state.status) == _RUNNING)
-        if running.size == 0:
+        running = np.asarray(state.status) == RUNNING
+        if not running.any():
             break
-        if 4 * running.size <= rows.size and rows.size >= 16:
-            final = _put_rows(final, rows, state)
-            size = 1 << int(np.ceil(np.log2(running.size)))
-            keep = np.concatenate([running, np.full(size - running.size, running[0])])
+        keep = _regroup(running)
+        if keep is not None:
+            everything = _put_rows(everything, rows, state)
             rows, state = rows[keep], _rows(state, keep)
-            sub_data, sub_fixed = data[rows], fixed[rows]
-        state = _iterate_batch(lk, sub_data, sub_fixed, lower, upper, state)
-    final = _put_rows(final, rows, state)
+        state = _iterate(lk, data[rows], fixed[rows], lower, upper, state)
+    final = _rows(_put_rows(everything, rows, state), np.arange(n))
     return FitResult(final.pars, final.nll, final.status, final.iteration)

@@ -50,14 +50,14 @@ def normsys_coefficients(code: str, lo: np.ndarray, hi: np.ndarray) -> np.ndarra
     with np.errstate(divide="ignore", invalid="ignore"):
         log_hi, log_lo = np.log(hi), np.log(lo)
     if code == "code1":
-        return np.stack([hi, lo, log_hi, log_lo])
+        return np.stack([log_hi, log_lo])
     if code == "code4":
         with np.errstate(invalid="ignore"):
             b = np.stack(
                 [hi - 1, lo - 1, log_hi * hi, -log_lo * lo, log_hi**2 * hi, log_lo**2 * lo]
             )
         a = np.einsum("rc,c...->r...", _A_INV, b)
-        return np.concatenate([np.stack([hi, lo, log_hi, log_lo]), a])
+        return np.concatenate([np.stack([log_hi, log_lo]), a])
     raise ValueError(f"unknown normsys interpolation {code!r}")
 
 
@@ -77,14 +77,15 @@ def histosys_coefficients(code: str, lo: np.ndarray, nom: np.ndarray, hi: np.nda
 
 def normsys_factor(code: str, alpha, coef):
     """Multiplicative factor f and its log-derivatives ``(f, f'/f, f''/f)``."""
-    hi, lo, log_hi, log_lo = coef[0], coef[1], coef[2], coef[3]
+    log_hi, log_lo = coef[0], coef[1]
     up = alpha > 0 if code == "code1" else alpha >= 1
-    base = jnp.where(up, hi, lo)
     rate = jnp.where(up, log_hi, -log_lo)  # d log f / d alpha outside the polynomial region
-    f_exp = jnp.power(base, jnp.abs(alpha))
+    # hi^α or lo^-α from the precomputed logs: a power costs a log and an exp, this one exp
+    f_exp = jnp.exp(alpha * rate)
     if code == "code1":
-        return f_exp, rate, rate**2
-    a = coef[4:]
+        # lo^0 = 1 also where lo = 0 (log -inf)
+        return jnp.where(alpha == 0, 1.0, f_exp), rate, rate**2
+    a = coef[2:]
     poly = 1 + alpha * (
         a[0] + alpha * (a[1] + alpha * (a[2] + alpha * (a[3] + alpha * (a[4] + alpha * a[5]))))
     )

@@ -9,13 +9,16 @@ All functions are written for one point and are vmapped from outside; parameters
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln, xlogy
 
 from toyfarm.likelihood.compile import Likelihood
 from toyfarm.likelihood.interpolation import histosys_delta, normsys_factor
 
-__all__ = ["expected_rates", "logpdf", "nll_derivatives"]
+__all__ = ["Derivatives", "expected_rates", "fisher_information", "logpdf", "nll_derivatives"]
 
 _LOG_SQRT_2PI = 0.5 * jnp.log(2 * jnp.pi)
 
@@ -25,12 +28,26 @@ def _linear_values(lk: Likelihood, pars):
     return gammas[lk.linear_slot]  # [cells, n_slots]
 
 
+def _per_cell(lk: Likelihood, per_group):
+    """``[..., groups]`` -> ``[..., cells]``: each bin reads its channel's entry."""
+    shape = per_group.shape[:-1]
+    by_channel = per_group.reshape(*shape, lk.n_samples, lk.n_channels)
+    return by_channel[..., lk.bin_channel].reshape(*shape, lk.n_samples * lk.n_bins)
+
+
+def _per_group(lk: Likelihood, per_cell):
+    """``[..., cells]`` -> ``[..., groups]``: sums over the bins of each channel."""
+    shape = per_cell.shape[:-1]
+    by_bin = per_cell.reshape(*shape, lk.n_samples, lk.n_bins)
+    return (by_bin @ lk.channel_bins).reshape(*shape, lk.n_groups)
+
+
 def _cell_rates(lk: Likelihood, pars):
     alpha = pars[: lk.n_interp, None]
-    factor = normsys_factor(lk.normsys_code, alpha, lk.normsys)[0]
+    norm = jnp.prod(normsys_factor(lk.normsys_code, alpha, lk.normsys)[0], axis=0)
     delta = histosys_delta(lk.histosys_code, alpha, lk.histosys)[0]
     base = lk.nominal + jnp.sum(delta, axis=0)
-    return base * jnp.prod(factor, axis=0) * jnp.prod(_linear_values(lk, pars), axis=1)
+    return base * _per_cell(lk, norm) * jnp.prod(_linear_values(lk, pars), axis=1)
 
 
 def expected_rates(lk: Likelihood, pars):
@@ -80,49 +97,70 @@ def _exclusive_products(values):
     return single, pair
 
 
-def nll_derivatives(lk: Likelihood, pars, data):
-    """(-log L, gradient, Hessian, Gauss-Newton Hessian) at one point, in closed form.
+class Derivatives(NamedTuple):
+    nll: jax.Array
+    grad: jax.Array  # [P]
+    hess: jax.Array  # [P, P]
+    gauss_newton: jax.Array  # [P, P]
+    rates: jax.Array  # [n_bins] expected counts
+    jacobian: jax.Array  # [P, n_bins] their derivatives
+
+
+def nll_derivatives(lk: Likelihood, pars, data) -> Derivatives:
+    """-log L, its gradient, Hessian and Gauss-Newton Hessian at one point, in closed form; and
+    the expected counts with their Jacobian (the fitter keeps them non-negative).
 
     The Gauss-Newton matrix drops the curvature of the rates (keeps J^T diag(n/λ²) J and the
     constraints): always positive semi-definite, the fitter's fallback far from the minimum.
     """
     counts, aux = data[: lk.n_bins], data[lk.n_bins :]
     alpha = pars[: lk.n_interp, None]
-    f, r, w = normsys_factor(lk.normsys_code, alpha, lk.normsys)  # [n_interp, cells]
-    delta, d1, d2 = histosys_delta(lk.histosys_code, alpha, lk.histosys)
+    f, r, w = normsys_factor(lk.normsys_code, alpha, lk.normsys)  # [n_interp, groups]
+    delta, d1, d2 = histosys_delta(lk.histosys_code, alpha, lk.histosys)  # [n_interp, cells]
     values = _linear_values(lk, pars)
     lin_single, lin_pair = _exclusive_products(values)  # [cells, K], [cells, K, K]
 
     base = lk.nominal + jnp.sum(delta, axis=0)  # A
-    norm = jnp.prod(f, axis=0)  # N
+    norm = _per_cell(lk, jnp.prod(f, axis=0))  # N
     scale = norm * jnp.prod(values, axis=1)  # T = N * L
     rate = base * scale  # per cell
     rates = jnp.sum(rate.reshape(lk.n_samples, lk.n_bins), axis=0)
 
     main = jnp.sum(xlogy(counts, rates) - rates - gammaln(counts + 1.0))
     nll = -main - jnp.sum(_constraint_terms(lk, pars, aux))
+    # a negative expected count is outside the model: pyhf's -log L is NaN there, or, in an empty
+    # bin, λ, which decreases without bound. The fits stay where every count is >= 0
+    nll = jnp.where(jnp.all(rates >= 0), nll, jnp.nan)
 
     # d(nll)/d(rate_b) = c_b and d2 = counts/rate^2: chain rule through the bin sums
     c_bin = 1.0 - counts / rates
     weight = counts / rates**2
     c = jnp.tile(c_bin, lk.n_samples)
 
-    # d rate_c / d param: interpolated G_I = rate r + T Δ'; linear G_L = A N prod_{j!=k}
-    grad_i = rate * r + scale * d1  # [n_interp, cells]
-    q = jnp.einsum("ck,ckl->cl", lin_single, lk.linear_onehot)  # [cells, n_linear]
-    grad_l = (base * norm)[None, :] * q.T  # [n_linear, cells]
-    jac_cells = jnp.concatenate([grad_i, grad_l])  # [n_pars, cells]
-    jac = jnp.sum(jac_cells.reshape(-1, lk.n_samples, lk.n_bins), axis=1)  # [n_pars, bins]
-    grad = jac_cells @ c
+    # Jacobian of the bin rates. Interpolated: d rate_c = rate r_g(c) + T Δ'; the normsys part is
+    # r [n_interp, groups] times the rate each group puts in each bin. Linear: A N prod_{j!=k}
+    spread = rate.reshape(lk.n_samples, 1, lk.n_bins) * lk.channel_bins.T
+    spread = spread.reshape(lk.n_groups, lk.n_bins)
+    td1 = scale * d1
+    jac_i = r @ spread + jnp.sum(td1.reshape(lk.n_interp, lk.n_samples, lk.n_bins), axis=1)
+    # products over the few slots as broadcasts: a dot with a per-cell batch axis is slow on CPU
+    q = jnp.sum(lin_single[:, :, None] * lk.linear_onehot, axis=1)  # [cells, n_linear]
+    jac_l = jnp.sum(((base * norm)[:, None] * q).reshape(lk.n_samples, lk.n_bins, -1), axis=0)
+    jac = jnp.concatenate([jac_i, jac_l.T])  # [n_pars, bins]
+    grad = jac @ c_bin
 
-    # sum_c c_c * Hessian(rate_c): dense blocks, see the module docstring of compile.py
-    cr, ct = c * rate, c * scale
-    h_ii = r @ (cr * r + ct * d1).T + (ct * d1) @ r.T
-    h_ii = h_ii + jnp.diag(jnp.sum(cr * (w - r**2) + ct * d2, axis=1))
-    h_il = (c * norm * (base * r + d1)) @ q
-    h_ll = jnp.einsum(
-        "c,ckj,ckl,cjm->lm", c * base * norm, lin_pair, lk.linear_onehot, lk.linear_onehot
-    )
+    # sum_c c_c * Hessian(rate_c), see the module docstring of compile.py. Interpolated block:
+    # R diag(c rate) R^T + R E^T + E R^T (+ diagonal), with R and E = sum_g c T Δ' over groups
+    cr = spread @ c_bin  # [groups]
+    e = _per_group(lk, td1 * c)
+    x = r @ (0.5 * cr[:, None] * r.T + e.T)
+    h_ii = x + x.T + jnp.diag((w - r**2) @ cr + (scale * d2) @ c)
+    cnq = (c * norm)[:, None] * q  # [cells, n_linear]
+    h_il = r @ _per_group(lk, (base[:, None] * cnq).T).T + d1 @ cnq
+    # [cells, slot k, parameter m]: sum_j pair(k, j) onehot(j, m), weighted by the cell
+    pair = jnp.sum(lin_pair[..., None] * lk.linear_onehot[:, None], axis=2)
+    pair = (c * base * norm)[:, None, None] * pair
+    h_ll = lk.linear_onehot.reshape(-1, lk.n_linear).T @ pair.reshape(-1, lk.n_linear)
     gauss_newton = (jac * weight) @ jac.T
 
     # constraints: one parameter each, so diagonal
@@ -136,4 +174,16 @@ def nll_derivatives(lk: Likelihood, pars, data):
     grad = grad.at[lk.aux_param].add(c_grad)
     gauss_newton = gauss_newton.at[lk.aux_param, lk.aux_param].add(c_curv)
     hess = gauss_newton + jnp.block([[h_ii, h_il], [h_il.T, h_ll]])
-    return nll, grad, hess, gauss_newton
+    return Derivatives(nll, grad, hess, gauss_newton, rates, jac)
+
+
+def fisher_information(lk: Likelihood, pars):
+    """Expected Hessian of -log L at ``pars`` (data = their expectation): positive semi-definite.
+
+    On the expected data every residual ``1 - n/λ`` vanishes, so the Hessian is its Gauss-Newton
+    part; auxdata at their expectation (θ, or θτ for Poisson constraints).
+    """
+    theta = pars[lk.aux_param]
+    aux = jnp.where(lk.aux_poisson, theta * lk.aux_scale, theta)
+    data = jnp.concatenate([expected_rates(lk, pars), aux])
+    return nll_derivatives(lk, pars, data).gauss_newton

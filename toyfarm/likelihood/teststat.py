@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from toyfarm.likelihood.compile import Likelihood
 from toyfarm.likelihood.fit import CONVERGED, FitResult, minimize
+from toyfarm.likelihood.logpdf import fisher_information
 from toyfarm.likelihood.sample import sample_toys
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
 ]
 
 TEST_STATISTICS = ("qtilde", "q", "q0", "ttilde", "t")
+_fisher_information = jax.jit(fisher_information)
 
 
 class Statistic(NamedTuple):
@@ -35,32 +37,34 @@ class Statistic(NamedTuple):
     free: FitResult
 
 
-def conditional_fit(lk: Likelihood, data, mu, init) -> FitResult:
+def conditional_fit(lk: Likelihood, data, mu, init, metric=None) -> FitResult:
     """Fits of a batch ``data [n, n_data]`` with the POI held at ``mu``, from ``init [n, P]``.
 
-    The model's fixed parameters stay at their init values.
+    The model's fixed parameters stay at their init values. ``metric``: see ``minimize``.
     """
     init = jnp.asarray(init).at[:, lk.poi].set(mu)
     held = jnp.broadcast_to(jnp.asarray(lk.fixed).at[lk.poi].set(True), init.shape)
-    return minimize(lk, data, init, held)
+    return minimize(lk, data, init, held, metric=metric)
 
 
-def free_fit(lk: Likelihood, data, init) -> FitResult:
+def free_fit(lk: Likelihood, data, init, metric=None) -> FitResult:
     """Fits of a batch with every parameter but the model's fixed ones free."""
     init = jnp.asarray(init)
-    return minimize(lk, data, init, jnp.broadcast_to(jnp.asarray(lk.fixed), init.shape))
+    fixed = jnp.broadcast_to(jnp.asarray(lk.fixed), init.shape)
+    return minimize(lk, data, init, fixed, metric=metric)
 
 
-def compute_test_statistic(lk: Likelihood, name: str, data, mu, init) -> Statistic:
+def compute_test_statistic(lk: Likelihood, name: str, data, mu, init, metric=None) -> Statistic:
     """Test statistic of a batch of datasets ``[n, n_data]``, fits starting at ``init`` ``[n, P]``.
 
     The free fit starts where the conditional one ended: its nuisance parameters are already
-    adapted to the dataset.
+    adapted to the dataset. ``metric`` (optional): a curvature shared by the batch for the first
+    steps of both fits, see ``minimize``.
     """
     if name not in TEST_STATISTICS:
         raise ValueError(f"unknown test statistic {name!r} (known: {', '.join(TEST_STATISTICS)})")
-    cond = conditional_fit(lk, data, mu, init)
-    free = free_fit(lk, data, cond.pars)
+    cond = conditional_fit(lk, data, mu, init, metric)
+    free = free_fit(lk, data, cond.pars, metric)
     t = jnp.maximum(2.0 * (cond.nll - free.nll), 0.0)
     muhat = free.pars[..., lk.poi]
     if name in ("qtilde", "q"):
@@ -72,8 +76,12 @@ def compute_test_statistic(lk: Likelihood, name: str, data, mu, init) -> Statist
 
 
 def toy_test_statistics(lk: Likelihood, name: str, mu, keys, gen_pars, keep_toys: bool = False):
-    """Throw one toy per key at ``gen_pars`` and return (q, converged, toys or None)."""
+    """Throw one toy per key at ``gen_pars`` and return (q, converged, toys or None).
+
+    The toys scatter around ``gen_pars``: the Fisher information there is every fit's first metric.
+    """
     toys = sample_toys(lk, keys, gen_pars)
     init = jnp.broadcast_to(gen_pars, (toys.shape[0], gen_pars.shape[-1]))
-    stat = compute_test_statistic(lk, name, toys, mu, init)
+    metric = _fisher_information(lk, gen_pars)
+    stat = compute_test_statistic(lk, name, toys, mu, init, metric)
     return stat.value, stat.converged, (toys if keep_toys else None)

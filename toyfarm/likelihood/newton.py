@@ -1,0 +1,244 @@
+"""One bounded Newton iteration of one fit; ``fit.py`` vmaps it over a batch and drives the loop.
+
+Written for one problem (optimistix style): nothing raises inside, every fit carries a status.
+An iteration evaluates the exact Hessian at the current point and factorises it once (the
+Gauss-Newton matrix where the Hessian is not positive definite: far from the minimum the curvature
+of the rates can make it indefinite). The fresh factor gives the convergence test, the Newton step,
+and then ``chords`` more steps that reuse it with only a new gradient (a chord step: Newton with a
+Hessian one step old converges at order three per Hessian). The factor never leaves the
+iteration: the state is a few numbers per fit.
+
+Every step is line-searched on -log L alone (a fraction of a gradient's cost) at a few lengths,
+inside a radius on the largest parameter move: far from the minimum the quadratic model
+overshoots, and a rejected length then costs no derivatives. The radius grows after full steps and
+shrinks to what was taken otherwise. Bounds are handled by projection: a parameter on a bound
+with the gradient pushing outwards is held, trial points are clipped to the box.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from toyfarm.likelihood.compile import Likelihood
+from toyfarm.likelihood.logpdf import expected_rates, nll_derivatives
+
+CONVERGED, MAX_ITERATIONS, NOT_FINITE = 0, 1, 2
+RUNNING = -1
+
+#: converged when the Newton step predicts less than this decrease of -log L (q moves 2x that)
+NLL_TOLERANCE = 1e-9
+_RADIUS_START = 2.0
+#: steps shrunk below this (in parameter units) end the fit: against the edge of the region where
+#: the model predicts non-negative counts, or numerically flat
+_RADIUS_MIN = 1e-8
+_RIDGE = 1e-10  # relative diagonal shift: keeps singular free directions solvable
+_TRIALS = (1.0, 0.3)
+#: an empty bin held at the edge keeps this fraction of its count per step (to first order): a
+#: step to exactly 0 would end just below it, where the model is undefined, for rounding
+_EDGE_KEEP = 1e-3  # line search: fractions of the step (capped at the radius)
+
+
+class State(NamedTuple):
+    pars: jax.Array
+    nll: jax.Array
+    radius: jax.Array  # largest allowed move of any parameter
+    iteration: jax.Array
+    status: jax.Array  # RUNNING, CONVERGED, MAX_ITERATIONS or NOT_FINITE
+
+
+def _value(lk: Likelihood, pars, data):
+    return nll_derivatives(lk, pars, data)[0]  # XLA keeps only what the value needs
+
+
+def _free(x, g, fixed, lower, upper):
+    """Parameters that may move: not fixed, not on a bound the gradient pushes against."""
+    return ~(fixed | ((x <= lower) & (g > 0)) | ((x >= upper) & (g < 0)))
+
+
+def masked(h, free):
+    """``h`` on the free parameters, identity elsewhere, with a tiny ridge."""
+    both = free[:, None] & free[None, :]
+    ridge = _RIDGE * jnp.maximum(jnp.abs(jnp.diagonal(h)), 1e-12)
+    return jnp.where(both, h, 0.0) + jnp.diag(jnp.where(free, ridge, 1.0))
+
+
+def _factorize(hess, gauss_newton, free):
+    """Cholesky factor of the Hessian on ``free``, or of the Gauss-Newton matrix where the
+    Hessian is indefinite; and whether it is the Hessian's.
+
+    Both in one batched LAPACK call: jaxlib 0.10 on CPU deadlocks when two LAPACK calls of one
+    program may run concurrently on a small thread pool.
+    """
+    both = jnp.linalg.cholesky(jnp.stack([masked(hess, free), masked(gauss_newton, free)]))
+    exact = jnp.all(jnp.isfinite(both[0]))
+    return jnp.where(exact, both[0], both[1]), exact
+
+
+class _Model(NamedTuple):
+    """The quadratic model of one iteration, restricted to the active constraints.
+
+    Two kinds of constraint bind at a bounded minimum: parameter bounds, and non-negative expected
+    counts (pyhf's -log L has no minimum beyond them: in an empty bin it is λ and decreases as
+    λ < 0). Clipping a step at them ruins the other parameters' steps, which assumed the clipped
+    ones move freely, and the fit only creeps towards the edge. So (projected Newton, Bertsekas)
+    the parameters the plain step pushes through a bound move to the bound and are held there;
+    and the empty bins whose linearised count the step would make negative are kept at
+    ``_EDGE_KEEP`` of their count, to first order, through Lagrange multipliers (a Schur complement
+    with one column per bin). The factorisations run one after another, never concurrently.
+    """
+
+    metric: jax.Array  # [P, P] Hessian, or Gauss-Newton where the Hessian is indefinite
+    face: jax.Array  # [P] parameters that move freely
+    factor: jax.Array  # Cholesky factor of the metric on the face
+    to_bound: jax.Array  # [P] moves of the parameters pushed onto a bound
+    edge: jax.Array  # [n_bins] empty bins held at the edge
+    jacobian: jax.Array  # [P, n_bins] of the counts
+    solved: jax.Array  # [P, n_bins] metric⁻¹ jacobian on the face, edge bins only
+    schur: jax.Array  # Cholesky factor of jacobianᵀ solved on the edge bins
+
+
+def _solve(factor, face, rhs):
+    return jnp.where(face, -jax.scipy.linalg.cho_solve((factor, True), jnp.where(face, rhs, 0)), 0)
+
+
+def _model(factor, metric, x, d, free, lower, upper, empty) -> _Model:
+    step, _ = _newton_step(factor, d.grad, free)
+    target = x + step
+    cross = free & ((target < lower) | (target > upper))
+    to_bound = jnp.where(cross, jnp.where(target < lower, lower, upper) - x, 0.0)
+    face = free & ~cross
+    factor = jnp.linalg.cholesky(masked(metric, face))
+    step = to_bound + _solve(factor, face, d.grad + metric @ to_bound)
+    counts = d.rates + d.jacobian.T @ step
+    edge = empty & (counts < _EDGE_KEEP * d.rates)
+    solved = -_solve(factor, face[:, None], jnp.where(edge, d.jacobian, 0.0))
+    both = edge[:, None] & edge[None, :]
+    schur = jnp.where(both, d.jacobian.T @ solved, 0.0) + jnp.diag(jnp.where(edge, 0.0, 1.0))
+    schur = jnp.linalg.cholesky(schur + _RIDGE * jnp.diag(jnp.abs(jnp.diagonal(schur))))
+    return _Model(metric, face, factor, to_bound, edge, d.jacobian, solved, schur)
+
+
+def _step(model: _Model, grad, rates):
+    """The step of ``model`` for the gradient and counts at the current point, and the decrease
+    of -log L it predicts."""
+    step = model.to_bound + _solve(model.factor, model.face, grad + model.metric @ model.to_bound)
+    miss = jnp.where(model.edge, _EDGE_KEEP * rates - rates - model.jacobian.T @ step, 0.0)
+    step = step + model.solved @ jax.scipy.linalg.cho_solve((model.schur, True), miss)
+    return step, -(jnp.dot(grad, step) + 0.5 * jnp.dot(step, model.metric @ step))
+
+
+def _newton_step(factor, g, free):
+    """``-M⁻¹ g`` on the free parameters and the decrease ``g M⁻¹ g / 2`` its model predicts."""
+    g_free = jnp.where(free, g, 0.0)
+    step = jnp.where(free, -jax.scipy.linalg.cho_solve((factor, True), g_free), 0.0)
+    return step, -0.5 * jnp.dot(g_free, step)
+
+
+def _back_to_edge(lk: Likelihood, model: _Model, rates, trial, t):
+    """``trial`` (``t`` of a step of ``model``) moved back to where that step's edge bins keep
+    the count it aimed at: a second-order correction (Nocedal & Wright 18.3). The edge is
+    curved, and a step along its tangent ends below it, where the model is undefined."""
+    aim = rates * (1.0 - t * (1.0 - _EDGE_KEEP))
+    miss = jnp.where(model.edge, aim - expected_rates(lk, trial), 0.0)
+    return trial + model.solved @ jax.scipy.linalg.cho_solve((model.schur, True), miss)
+
+
+def _line_search(lk: Likelihood, data, lower, upper, x, nll, step, predicted, radius,
+                 model: _Model | None = None, rates=None):
+    """The best of the trial lengths if it lowers -log L (else x stays), the new radius, and
+    whether the search failed. Trials of a ``model`` step are corrected back to its edge.
+
+    A step that predicts less than the tolerance may find nothing lower (rounding): that is no
+    failure, the next iteration's fresh Hessian decides convergence.
+    """
+    length = jnp.max(jnp.abs(step))
+    ts = jnp.minimum(1.0, radius / jnp.maximum(length, 1e-300)) * jnp.asarray(_TRIALS)
+    trials = x + ts[:, None] * step
+    if model is not None:
+        trials = jax.vmap(lambda p, t: _back_to_edge(lk, model, rates, p, t))(trials, ts)
+    trials = jnp.clip(trials, lower, upper)
+    values = jax.vmap(lambda p: _value(lk, p, data))(trials)
+    best = jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))
+    better = values[best] < nll
+    failed = ~better & (predicted >= NLL_TOLERANCE)
+    taken = ts[best] * length
+    radius = jnp.where(
+        better,
+        jnp.where(best == 0, jnp.maximum(radius, 4 * taken), 2 * taken),
+        jnp.where(failed, 0.25 * ts[-1] * length, radius),
+    )
+    x = jnp.where(better, trials[best], x)
+    return x, jnp.where(better, values[best], nll), radius, failed
+
+
+def _state(x, nll, radius) -> State:
+    status = jnp.where(jnp.isfinite(nll), RUNNING, NOT_FINITE)
+    return State(x, nll, jnp.asarray(radius, x.dtype), jnp.asarray(0), status)
+
+
+def start(lk: Likelihood, data, init, lower, upper) -> State:
+    x0 = jnp.clip(init, lower, upper)
+    return _state(x0, _value(lk, x0, data), _RADIUS_START)
+
+
+def start_shared(lk: Likelihood, data, init, fixed, lower, upper, factor) -> State:
+    """Start with one step of a factor shared by the batch, built for the parameters not fixed."""
+    x0 = jnp.clip(init, lower, upper)
+    nll0, g0 = nll_derivatives(lk, x0, data)[:2]
+    step, predicted = _newton_step(factor, g0, _free(x0, g0, fixed, lower, upper))
+    step = jnp.where(jnp.all(jnp.isfinite(step)), step, 0.0)
+    x1, nll1, radius, _ = _line_search(
+        lk, data, lower, upper, x0, nll0, step, predicted, _RADIUS_START
+    )
+    return _state(x1, jnp.where(jnp.isfinite(nll0), nll1, nll0), radius)
+
+
+def iterate(lk: Likelihood, data, fixed, lower, upper, state: State, max_iter: int,
+            chords: int) -> State:
+    """One factorisation, its Newton step and ``chords`` chord steps; a finished fit passes
+    through unchanged."""
+    x, nll, radius = state.pars, state.nll, state.radius
+    d = nll_derivatives(lk, x, data)
+    free = _free(x, d.grad, fixed, lower, upper)
+    factor, exact = _factorize(d.hess, d.gauss_newton, free)
+    metric = jnp.where(exact, d.hess, d.gauss_newton)
+    model = _model(factor, metric, x, d, free, lower, upper, data[: lk.n_bins] == 0)
+    step, predicted = _step(model, d.grad, d.rates)
+    finite = jnp.all(jnp.isfinite(step))
+    # an indefinite Hessian at a point where the step vanishes is a saddle, unless counts are on
+    # the edge: there only the curvature along the edge matters
+    done = finite & (exact | jnp.any(model.edge)) & (predicted < NLL_TOLERANCE)
+    for chord in range(chords + 1):
+        if chord:
+            d = nll_derivatives(lk, x, data)
+            step, predicted = _step(model, d.grad, d.rates)
+        x, nll, radius, failed = _line_search(
+            lk, data, lower, upper, x, nll, step, predicted, radius, model, d.rates
+        )
+    running = state.status == RUNNING
+    iteration = state.iteration + running
+    status = jnp.where(
+        ~finite,
+        NOT_FINITE,
+        jnp.where(
+            done,
+            CONVERGED,
+            jnp.where(
+                (failed & (radius < _RADIUS_MIN)) | (iteration >= max_iter),
+                MAX_ITERATIONS,
+                RUNNING,
+            ),
+        ),
+    )
+    moved = running & finite & ~done
+    keep = lambda new, old: jnp.where(moved, new, old)  # noqa: E731
+    return State(
+        keep(x, state.pars),
+        keep(nll, state.nll),
+        keep(radius, state.radius),
+        iteration,
+        jnp.where(running, status, state.status),
+    )
