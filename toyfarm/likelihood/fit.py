@@ -51,7 +51,7 @@ def _chunked(fn, batched, skip_finished=False):
             it = iter(rows)
             return fn(*(next(it) if b else a for a, b in zip(args, batched, strict=True)))
 
-        mapped = jax.vmap(per_row)
+        mapped = jax.vmap(per_row, axis_name=newton.ROWS)
         rows = tuple(a for a, b in zip(args, batched, strict=True) if b)
         n = rows[0].shape[0]
         if n <= _CHUNK:

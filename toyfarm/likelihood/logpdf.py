@@ -21,6 +21,8 @@ from toyfarm.likelihood.interpolation import histosys_delta, normsys_factor
 __all__ = ["Derivatives", "expected_rates", "fisher_information", "logpdf", "nll_derivatives"]
 
 _LOG_SQRT_2PI = 0.5 * jnp.log(2 * jnp.pi)
+#: how far below zero the expected count of an empty bin may go (see ``nll_derivatives``)
+EDGE_TOLERANCE = 1e-9
 
 
 def _linear_values(lk: Likelihood, pars):
@@ -106,9 +108,12 @@ class Derivatives(NamedTuple):
     jacobian: jax.Array  # [P, n_bins] their derivatives
 
 
-def nll_derivatives(lk: Likelihood, pars, data) -> Derivatives:
+def nll_derivatives(lk: Likelihood, pars, data, multipliers=None) -> Derivatives:
     """-log L, its gradient, Hessian and Gauss-Newton Hessian at one point, in closed form; and
     the expected counts with their Jacobian (the fitter keeps them non-negative).
+
+    ``multipliers`` ``[n_bins]`` (optional): Lagrange multipliers ν of constraints on the counts
+    ``λ_b >= 0``; ``hess`` is then the Hessian of the Lagrangian, -log L - Σ ν_b λ_b.
 
     The Gauss-Newton matrix drops the curvature of the rates (keeps J^T diag(n/λ²) J and the
     constraints): always positive semi-definite, the fitter's fallback far from the minimum.
@@ -129,13 +134,18 @@ def nll_derivatives(lk: Likelihood, pars, data) -> Derivatives:
     main = jnp.sum(xlogy(counts, rates) - rates - gammaln(counts + 1.0))
     nll = -main - jnp.sum(_constraint_terms(lk, pars, aux))
     # a negative expected count is outside the model: pyhf's -log L is NaN there, or, in an empty
-    # bin, λ, which decreases without bound. The fits stay where every count is >= 0
-    nll = jnp.where(jnp.all(rates >= 0), nll, jnp.nan)
+    # bin, λ, which decreases without bound (on 1Lbb toys a fit following it ends at λ = -1e4).
+    # The fits stay where every count is >= 0; an empty bin may miss by EDGE_TOLERANCE (its term
+    # is λ: -log L moves by as little), so that steps along the edge survive rounding
+    outside = (rates < 0) & ((counts > 0) | (rates < -EDGE_TOLERANCE))
+    nll = jnp.where(jnp.any(outside), jnp.nan, nll)
 
     # d(nll)/d(rate_b) = c_b and d2 = counts/rate^2: chain rule through the bin sums
     c_bin = 1.0 - counts / rates
     weight = counts / rates**2
-    c = jnp.tile(c_bin, lk.n_samples)
+    # the rates' curvature enters the Hessian weighted by c_b (minus ν_b for the Lagrangian)
+    curv_bin = c_bin if multipliers is None else c_bin - multipliers
+    c = jnp.tile(curv_bin, lk.n_samples)
 
     # Jacobian of the bin rates. Interpolated: d rate_c = rate r_g(c) + T Δ'; the normsys part is
     # r [n_interp, groups] times the rate each group puts in each bin. Linear: A N prod_{j!=k}
@@ -151,7 +161,7 @@ def nll_derivatives(lk: Likelihood, pars, data) -> Derivatives:
 
     # sum_c c_c * Hessian(rate_c), see the module docstring of compile.py. Interpolated block:
     # R diag(c rate) R^T + R E^T + E R^T (+ diagonal), with R and E = sum_g c T Δ' over groups
-    cr = spread @ c_bin  # [groups]
+    cr = spread @ curv_bin  # [groups]
     e = _per_group(lk, td1 * c)
     x = r @ (0.5 * cr[:, None] * r.T + e.T)
     h_ii = x + x.T + jnp.diag((w - r**2) @ cr + (scale * d2) @ c)

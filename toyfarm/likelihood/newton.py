@@ -27,9 +27,13 @@ from toyfarm.likelihood.logpdf import expected_rates, nll_derivatives
 
 CONVERGED, MAX_ITERATIONS, NOT_FINITE = 0, 1, 2
 RUNNING = -1
+#: the name of the batch axis: ``start``, ``start_shared`` and ``iterate`` are vmapped over it
+ROWS = "rows"
 
 #: converged when the Newton step predicts less than this decrease of -log L (q moves 2x that)
 NLL_TOLERANCE = 1e-9
+#: a fit whose steps no longer lower -log L has converged if its model predicts less than this
+STALL_TOLERANCE = 1e-6
 _RADIUS_START = 2.0
 #: steps shrunk below this (in parameter units) end the fit: against the edge of the region where
 #: the model predicts non-negative counts, or numerically flat
@@ -38,7 +42,8 @@ _RIDGE = 1e-10  # relative diagonal shift: keeps singular free directions solvab
 _TRIALS = (1.0, 0.3)
 #: an empty bin held at the edge keeps this fraction of its count per step (to first order): a
 #: step to exactly 0 would end just below it, where the model is undefined, for rounding
-_EDGE_KEEP = 1e-3  # line search: fractions of the step (capped at the radius)
+_EDGE_KEEP = 1e-3
+_CORRECTIONS = 2  # second-order corrections back to the edge per trial point
 
 
 class State(NamedTuple):
@@ -47,6 +52,9 @@ class State(NamedTuple):
     radius: jax.Array  # largest allowed move of any parameter
     iteration: jax.Array
     status: jax.Array  # RUNNING, CONVERGED, MAX_ITERATIONS or NOT_FINITE
+    #: [n_bins] multipliers of the counts held at the edge by the last step: the next Hessian is
+    #: the Lagrangian's, which makes the steps along the (curved) edge Newton steps
+    multipliers: jax.Array
 
 
 def _value(lk: Likelihood, pars, data):
@@ -65,16 +73,27 @@ def masked(h, free):
     return jnp.where(both, h, 0.0) + jnp.diag(jnp.where(free, ridge, 1.0))
 
 
+def _in_any_row(flag) -> jax.Array:
+    """Whether ``flag`` holds in any row of the batch: the same for every row, so a
+    ``lax.cond`` on it stays a branch under vmap and rare work costs nothing where no row needs
+    it (a branch on a per-row flag would run both sides for every row)."""
+    return jax.lax.pmax(flag.astype(jnp.int32), ROWS) > 0
+
+
 def _factorize(hess, gauss_newton, free):
     """Cholesky factor of the Hessian on ``free``, or of the Gauss-Newton matrix where the
     Hessian is indefinite; and whether it is the Hessian's.
 
-    Both in one batched LAPACK call: jaxlib 0.10 on CPU deadlocks when two LAPACK calls of one
-    program may run concurrently on a small thread pool.
+    One factorisation after the other: jaxlib 0.10 on CPU deadlocks when two LAPACK calls of
+    one program may run concurrently on a small thread pool.
     """
-    both = jnp.linalg.cholesky(jnp.stack([masked(hess, free), masked(gauss_newton, free)]))
-    exact = jnp.all(jnp.isfinite(both[0]))
-    return jnp.where(exact, both[0], both[1]), exact
+    factor = jnp.linalg.cholesky(masked(hess, free))
+    exact = jnp.all(jnp.isfinite(factor))
+
+    def fallback(factor):
+        return jnp.where(exact, factor, jnp.linalg.cholesky(masked(gauss_newton, free)))
+
+    return jax.lax.cond(_in_any_row(~exact), fallback, lambda f: f, factor), exact
 
 
 class _Model(NamedTuple):
@@ -98,6 +117,7 @@ class _Model(NamedTuple):
     jacobian: jax.Array  # [P, n_bins] of the counts
     solved: jax.Array  # [P, n_bins] metric⁻¹ jacobian on the face, edge bins only
     schur: jax.Array  # Cholesky factor of jacobianᵀ solved on the edge bins
+    face_step: jax.Array  # [P] the step on the face at the model's own point, edge aside
 
 
 def _solve(factor, face, rhs):
@@ -110,24 +130,50 @@ def _model(factor, metric, x, d, free, lower, upper, empty) -> _Model:
     cross = free & ((target < lower) | (target > upper))
     to_bound = jnp.where(cross, jnp.where(target < lower, lower, upper) - x, 0.0)
     face = free & ~cross
-    factor = jnp.linalg.cholesky(masked(metric, face))
-    step = to_bound + _solve(factor, face, d.grad + metric @ to_bound)
+
+    def refactor(step):
+        factor = jnp.linalg.cholesky(masked(metric, face))
+        return factor, to_bound + _solve(factor, face, d.grad + metric @ to_bound)
+
+    # where no row crosses a bound, the face is the free set and the plain step stands
+    factor, step = jax.lax.cond(
+        _in_any_row(jnp.any(cross)), refactor, lambda step: (factor, step), step
+    )
     counts = d.rates + d.jacobian.T @ step
-    edge = empty & (counts < _EDGE_KEEP * d.rates)
-    solved = -_solve(factor, face[:, None], jnp.where(edge, d.jacobian, 0.0))
-    both = edge[:, None] & edge[None, :]
-    schur = jnp.where(both, d.jacobian.T @ solved, 0.0) + jnp.diag(jnp.where(edge, 0.0, 1.0))
-    schur = jnp.linalg.cholesky(schur + _RIDGE * jnp.diag(jnp.abs(jnp.diagonal(schur))))
-    return _Model(metric, face, factor, to_bound, edge, d.jacobian, solved, schur)
+    edge = empty & (counts < _EDGE_KEEP * jnp.maximum(d.rates, 0.0))
+
+    def held_at_edge(_):
+        solved = -_solve(factor, face[:, None], jnp.where(edge, d.jacobian, 0.0))
+        both = edge[:, None] & edge[None, :]
+        schur = jnp.where(both, d.jacobian.T @ solved, 0.0) + jnp.diag(jnp.where(edge, 0.0, 1.0))
+        return solved, jnp.linalg.cholesky(schur + _RIDGE * jnp.diag(jnp.abs(jnp.diagonal(schur))))
+
+    def no_edge(_):
+        return jnp.zeros_like(d.jacobian), jnp.eye(d.rates.shape[0], dtype=x.dtype)
+
+    solved, schur = jax.lax.cond(_in_any_row(jnp.any(edge)), held_at_edge, no_edge, None)
+    return _Model(metric, face, factor, to_bound, edge, d.jacobian, solved, schur, step)
 
 
-def _step(model: _Model, grad, rates):
-    """The step of ``model`` for the gradient and counts at the current point, and the decrease
-    of -log L it predicts."""
-    step = model.to_bound + _solve(model.factor, model.face, grad + model.metric @ model.to_bound)
-    miss = jnp.where(model.edge, _EDGE_KEEP * rates - rates - model.jacobian.T @ step, 0.0)
-    step = step + model.solved @ jax.scipy.linalg.cho_solve((model.schur, True), miss)
-    return step, -(jnp.dot(grad, step) + 0.5 * jnp.dot(step, model.metric @ step))
+def _step(model: _Model, grad, rates, at_model: bool = False):
+    """The step of ``model`` for the gradient and counts at the current point (``at_model``:
+    the model's own point, whose face step is known), the decrease of -log L it predicts, and
+    the multipliers of its edge bins."""
+    if at_model:
+        step = model.face_step
+    else:
+        rhs = grad + model.metric @ model.to_bound
+        step = model.to_bound + _solve(model.factor, model.face, rhs)
+    aim = _EDGE_KEEP * jnp.maximum(rates, 0.0)  # a count rounded below zero aims back at it
+    miss = jnp.where(model.edge, aim - rates - model.jacobian.T @ step, 0.0)
+    multipliers = jax.lax.cond(
+        _in_any_row(jnp.any(model.edge)),
+        lambda m: jnp.where(model.edge, jax.scipy.linalg.cho_solve((model.schur, True), m), 0),
+        jnp.zeros_like,
+        miss,
+    )
+    step = step + model.solved @ multipliers
+    return step, -(jnp.dot(grad, step) + 0.5 * jnp.dot(step, model.metric @ step)), multipliers
 
 
 def _newton_step(factor, g, free):
@@ -139,11 +185,14 @@ def _newton_step(factor, g, free):
 
 def _back_to_edge(lk: Likelihood, model: _Model, rates, trial, t):
     """``trial`` (``t`` of a step of ``model``) moved back to where that step's edge bins keep
-    the count it aimed at: a second-order correction (Nocedal & Wright 18.3). The edge is
-    curved, and a step along its tangent ends below it, where the model is undefined."""
-    aim = rates * (1.0 - t * (1.0 - _EDGE_KEEP))
-    miss = jnp.where(model.edge, aim - expected_rates(lk, trial), 0.0)
-    return trial + model.solved @ jax.scipy.linalg.cho_solve((model.schur, True), miss)
+    the count it aimed at: second-order corrections (Nocedal & Wright 18.3). The edge is
+    curved, and a step along its tangent ends below it, where the model is undefined; one
+    correction leaves a miss of second order in the step, which can still be below zero."""
+    aim = jnp.maximum(rates, 0.0) * (1.0 - t * (1.0 - _EDGE_KEEP))
+    for _ in range(_CORRECTIONS):
+        miss = jnp.where(model.edge, aim - expected_rates(lk, trial), 0.0)
+        trial = trial + model.solved @ jax.scipy.linalg.cho_solve((model.schur, True), miss)
+    return trial
 
 
 def _line_search(lk: Likelihood, data, lower, upper, x, nll, step, predicted, radius,
@@ -158,7 +207,12 @@ def _line_search(lk: Likelihood, data, lower, upper, x, nll, step, predicted, ra
     ts = jnp.minimum(1.0, radius / jnp.maximum(length, 1e-300)) * jnp.asarray(_TRIALS)
     trials = x + ts[:, None] * step
     if model is not None:
-        trials = jax.vmap(lambda p, t: _back_to_edge(lk, model, rates, p, t))(trials, ts)
+        trials = jax.lax.cond(
+            _in_any_row(jnp.any(model.edge)),
+            lambda p: jax.vmap(lambda p, t: _back_to_edge(lk, model, rates, p, t))(p, ts),
+            lambda p: p,
+            trials,
+        )
     trials = jnp.clip(trials, lower, upper)
     values = jax.vmap(lambda p: _value(lk, p, data))(trials)
     best = jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))
@@ -174,14 +228,15 @@ def _line_search(lk: Likelihood, data, lower, upper, x, nll, step, predicted, ra
     return x, jnp.where(better, values[best], nll), radius, failed
 
 
-def _state(x, nll, radius) -> State:
+def _state(lk: Likelihood, x, nll, radius) -> State:
     status = jnp.where(jnp.isfinite(nll), RUNNING, NOT_FINITE)
-    return State(x, nll, jnp.asarray(radius, x.dtype), jnp.asarray(0), status)
+    no_edge = jnp.zeros(lk.n_bins, x.dtype)
+    return State(x, nll, jnp.asarray(radius, x.dtype), jnp.asarray(0), status, no_edge)
 
 
 def start(lk: Likelihood, data, init, lower, upper) -> State:
     x0 = jnp.clip(init, lower, upper)
-    return _state(x0, _value(lk, x0, data), _RADIUS_START)
+    return _state(lk, x0, _value(lk, x0, data), _RADIUS_START)
 
 
 def start_shared(lk: Likelihood, data, init, fixed, lower, upper, factor) -> State:
@@ -193,7 +248,7 @@ def start_shared(lk: Likelihood, data, init, fixed, lower, upper, factor) -> Sta
     x1, nll1, radius, _ = _line_search(
         lk, data, lower, upper, x0, nll0, step, predicted, _RADIUS_START
     )
-    return _state(x1, jnp.where(jnp.isfinite(nll0), nll1, nll0), radius)
+    return _state(lk, x1, jnp.where(jnp.isfinite(nll0), nll1, nll0), radius)
 
 
 def iterate(lk: Likelihood, data, fixed, lower, upper, state: State, max_iter: int,
@@ -201,12 +256,12 @@ def iterate(lk: Likelihood, data, fixed, lower, upper, state: State, max_iter: i
     """One factorisation, its Newton step and ``chords`` chord steps; a finished fit passes
     through unchanged."""
     x, nll, radius = state.pars, state.nll, state.radius
-    d = nll_derivatives(lk, x, data)
+    d = nll_derivatives(lk, x, data, state.multipliers)
     free = _free(x, d.grad, fixed, lower, upper)
     factor, exact = _factorize(d.hess, d.gauss_newton, free)
     metric = jnp.where(exact, d.hess, d.gauss_newton)
     model = _model(factor, metric, x, d, free, lower, upper, data[: lk.n_bins] == 0)
-    step, predicted = _step(model, d.grad, d.rates)
+    step, predicted, multipliers = _step(model, d.grad, d.rates, at_model=True)
     finite = jnp.all(jnp.isfinite(step))
     # an indefinite Hessian at a point where the step vanishes is a saddle, unless counts are on
     # the edge: there only the curvature along the edge matters
@@ -214,12 +269,14 @@ def iterate(lk: Likelihood, data, fixed, lower, upper, state: State, max_iter: i
     for chord in range(chords + 1):
         if chord:
             d = nll_derivatives(lk, x, data)
-            step, predicted = _step(model, d.grad, d.rates)
+            step, predicted, multipliers = _step(model, d.grad, d.rates)
         x, nll, radius, failed = _line_search(
             lk, data, lower, upper, x, nll, step, predicted, radius, model, d.rates
         )
     running = state.status == RUNNING
     iteration = state.iteration + running
+    # no shorter step lowers -log L any more: rounding, most often of counts on the edge
+    stalled = failed & (radius < _RADIUS_MIN)
     status = jnp.where(
         ~finite,
         NOT_FINITE,
@@ -227,9 +284,9 @@ def iterate(lk: Likelihood, data, fixed, lower, upper, state: State, max_iter: i
             done,
             CONVERGED,
             jnp.where(
-                (failed & (radius < _RADIUS_MIN)) | (iteration >= max_iter),
-                MAX_ITERATIONS,
-                RUNNING,
+                stalled & (predicted < STALL_TOLERANCE),
+                CONVERGED,
+                jnp.where(stalled | (iteration >= max_iter), MAX_ITERATIONS, RUNNING),
             ),
         ),
     )
@@ -241,4 +298,5 @@ def iterate(lk: Likelihood, data, fixed, lower, upper, state: State, max_iter: i
         keep(radius, state.radius),
         iteration,
         jnp.where(running, status, state.status),
+        keep(multipliers, state.multipliers),
     )
