@@ -141,8 +141,10 @@ def nll_derivatives(lk: Likelihood, pars, data, multipliers=None) -> Derivatives
     nll = jnp.where(jnp.any(outside), jnp.nan, nll)
 
     # d(nll)/d(rate_b) = c_b and d2 = counts/rate^2: chain rule through the bin sums
-    c_bin = 1.0 - counts / rates
-    weight = counts / rates**2
+    # an empty bin contributes λ whatever λ is, on the edge λ = 0 too (where n/λ would be 0/0)
+    ratio = jnp.where(counts == 0, 0.0, counts / jnp.where(counts == 0, 1.0, rates))
+    c_bin = 1.0 - ratio
+    weight = ratio / jnp.where(counts == 0, 1.0, rates)
     # the rates' curvature enters the Hessian weighted by c_b (minus ν_b for the Lagrangian)
     curv_bin = c_bin if multipliers is None else c_bin - multipliers
     c = jnp.tile(curv_bin, lk.n_samples)

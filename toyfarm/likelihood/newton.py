@@ -124,9 +124,19 @@ def _solve(factor, face, rhs):
     return jnp.where(face, -jax.scipy.linalg.cho_solve((factor, True), jnp.where(face, rhs, 0)), 0)
 
 
-def _model(factor, metric, x, d, free, lower, upper, empty) -> _Model:
+def _model(factor, metric, x, d, multipliers, free, lower, upper, empty, radius) -> _Model:
     step, _ = _newton_step(factor, d.grad, free)
-    target = x + step
+    # bounds are crossed by the step along the edge, as the last multipliers draw it
+    along_edge = jax.lax.cond(
+        _in_any_row(jnp.any(multipliers != 0)),
+        lambda s: _newton_step(factor, d.grad - d.jacobian @ multipliers, free)[0],
+        lambda s: s,
+        step,
+    )
+    # the parameters held on a bound are those the step as far as it may go (the radius) pushes
+    # through it: a long Newton step in a flat direction would otherwise hold most of them
+    reach = jnp.minimum(1.0, radius / jnp.maximum(jnp.max(jnp.abs(along_edge)), 1e-300))
+    target = x + reach * along_edge
     cross = free & ((target < lower) | (target > upper))
     to_bound = jnp.where(cross, jnp.where(target < lower, lower, upper) - x, 0.0)
     face = free & ~cross
@@ -142,16 +152,28 @@ def _model(factor, metric, x, d, free, lower, upper, empty) -> _Model:
     counts = d.rates + d.jacobian.T @ step
     edge = empty & (counts < _EDGE_KEEP * jnp.maximum(d.rates, 0.0))
 
-    def held_at_edge(_):
+    def held_at(edge):
         solved = -_solve(factor, face[:, None], jnp.where(edge, d.jacobian, 0.0))
         both = edge[:, None] & edge[None, :]
         schur = jnp.where(both, d.jacobian.T @ solved, 0.0) + jnp.diag(jnp.where(edge, 0.0, 1.0))
         return solved, jnp.linalg.cholesky(schur + _RIDGE * jnp.diag(jnp.abs(jnp.diagonal(schur))))
 
-    def no_edge(_):
-        return jnp.zeros_like(d.jacobian), jnp.eye(d.rates.shape[0], dtype=x.dtype)
+    def at_edge(edge):
+        solved, schur = held_at(edge)
+        # an edge bin whose multiplier comes out negative is not held by the edge but pulled
+        # down to it (several bins coupled): let it go, and hold the others (active set)
+        miss = jnp.where(edge, _EDGE_KEEP * jnp.maximum(d.rates, 0.0) - counts, 0.0)
+        released = edge & (jax.scipy.linalg.cho_solve((schur, True), miss) < 0)
+        edge = edge & ~released
+        solved, schur = jax.lax.cond(
+            _in_any_row(jnp.any(released)), held_at, lambda _: (solved, schur), edge
+        )
+        return edge, solved, schur
 
-    solved, schur = jax.lax.cond(_in_any_row(jnp.any(edge)), held_at_edge, no_edge, None)
+    def no_edge(edge):
+        return edge, jnp.zeros_like(d.jacobian), jnp.eye(d.rates.shape[0], dtype=x.dtype)
+
+    edge, solved, schur = jax.lax.cond(_in_any_row(jnp.any(edge)), at_edge, no_edge, edge)
     return _Model(metric, face, factor, to_bound, edge, d.jacobian, solved, schur, step)
 
 
@@ -217,7 +239,8 @@ def _line_search(lk: Likelihood, data, lower, upper, x, nll, step, predicted, ra
     values = jax.vmap(lambda p: _value(lk, p, data))(trials)
     best = jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))
     better = values[best] < nll
-    failed = ~better & (predicted >= NLL_TOLERANCE)
+    # a model predicting an increase (a far step held on bounds) fails too: shorter, it may not
+    failed = ~better & ((predicted >= NLL_TOLERANCE) | (predicted < 0))
     taken = ts[best] * length
     radius = jnp.where(
         better,
@@ -257,15 +280,21 @@ def iterate(lk: Likelihood, data, fixed, lower, upper, state: State, max_iter: i
     through unchanged."""
     x, nll, radius = state.pars, state.nll, state.radius
     d = nll_derivatives(lk, x, data, state.multipliers)
-    free = _free(x, d.grad, fixed, lower, upper)
+    # on the edge, whether a bound holds a parameter is the Lagrangian's gradient to say
+    free = _free(x, d.grad - d.jacobian @ state.multipliers, fixed, lower, upper)
     factor, exact = _factorize(d.hess, d.gauss_newton, free)
     metric = jnp.where(exact, d.hess, d.gauss_newton)
-    model = _model(factor, metric, x, d, free, lower, upper, data[: lk.n_bins] == 0)
+    model = _model(factor, metric, x, d, state.multipliers, free, lower, upper,
+                   data[: lk.n_bins] == 0, radius)
     step, predicted, multipliers = _step(model, d.grad, d.rates, at_model=True)
     finite = jnp.all(jnp.isfinite(step))
     # an indefinite Hessian at a point where the step vanishes is a saddle, unless counts are on
     # the edge: there only the curvature along the edge matters
-    done = finite & (exact | jnp.any(model.edge)) & (predicted < NLL_TOLERANCE)
+    # (a step to a bound or the edge can predict an increase: that is no convergence)
+    # a step onto a bound or the edge may predict an increase: past STALL_TOLERANCE that is an
+    # inconsistent model (a far step held on bounds), not a converged fit
+    settled = (predicted < NLL_TOLERANCE) & (predicted > -STALL_TOLERANCE)
+    done = finite & (exact | jnp.any(model.edge)) & settled
     for chord in range(chords + 1):
         if chord:
             d = nll_derivatives(lk, x, data)
@@ -284,7 +313,7 @@ def iterate(lk: Likelihood, data, fixed, lower, upper, state: State, max_iter: i
             done,
             CONVERGED,
             jnp.where(
-                stalled & (predicted < STALL_TOLERANCE),
+                stalled & (jnp.abs(predicted) < STALL_TOLERANCE),
                 CONVERGED,
                 jnp.where(stalled | (iteration >= max_iter), MAX_ITERATIONS, RUNNING),
             ),
