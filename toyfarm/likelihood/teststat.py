@@ -54,16 +54,31 @@ def free_fit(lk: Likelihood, data, init, metric=None) -> FitResult:
     return minimize(lk, data, init, fixed, metric=metric)
 
 
+def _lower(a: FitResult, b: FitResult) -> FitResult:
+    """Per row, the fit with the lower -log L among the converged ones (``a`` if neither)."""
+    a_nll = jnp.where(a.status == CONVERGED, a.nll, jnp.inf)
+    b_nll = jnp.where(b.status == CONVERGED, b.nll, jnp.inf)
+    take_b = b_nll < a_nll
+    pick = lambda x, y: jnp.where(take_b.reshape(-1, *([1] * (x.ndim - 1))), y, x)  # noqa: E731
+    return FitResult(*(pick(x, y) for x, y in zip(a, b, strict=True)))
+
+
 def compute_test_statistic(lk: Likelihood, name: str, data, mu, init, metric=None) -> Statistic:
     """Test statistic of a batch of datasets ``[n, n_data]``, fits starting at ``init`` ``[n, P]``.
 
-    The free fit starts where the conditional one ended: its nuisance parameters are already
-    adapted to the dataset. ``metric`` (optional): a curvature shared by the batch for the first
+    The conditional fit runs from ``init`` and from the model's init, keeping the lower optimum;
+    the free fit starts where that ended: its nuisance parameters are already adapted to the
+    dataset. ``metric`` (optional): a curvature shared by the batch for the first
     steps of both fits, see ``minimize``.
     """
     if name not in TEST_STATISTICS:
         raise ValueError(f"unknown test statistic {name!r} (known: {', '.join(TEST_STATISTICS)})")
-    cond = conditional_fit(lk, data, mu, init, metric)
+    # two starts, the lower optimum kept: a likelihood can have several minima (on sbottom toys
+    # one nuisance parameter has two, 0.6 apart in -log L), and pyhf fits from the model's init
+    init = jnp.asarray(init)
+    near = conditional_fit(lk, data, mu, init, metric)
+    from_init = conditional_fit(lk, data, mu, jnp.broadcast_to(lk.init, init.shape), metric)
+    cond = _lower(near, from_init)
     free = free_fit(lk, data, cond.pars, metric)
     t = jnp.maximum(2.0 * (cond.nll - free.nll), 0.0)
     muhat = free.pars[..., lk.poi]
