@@ -24,9 +24,10 @@ def q_of(seed, mu, hyp, index):
     return float(rng.chisquare(1)) if rng.random() > 0.3 else 0.0
 
 
-def make_store(path, seed, toys, test_stat="qtilde", digest=DIGEST):
+def make_store(path, seed, toys, test_stat="qtilde", digest=DIGEST, modifier_settings=None,
+               generation="lhc-conditional-mle"):
     """``toys[(mu, hyp)]``: toy indices done (a toy ``% 17 == 5`` did not converge)."""
-    identity = RunIdentity(test_stat, "lhc-conditional-mle", seed, 8, {}, None)
+    identity = RunIdentity(test_stat, generation, seed, 8, modifier_settings or {}, None)
     store = Store.create(path, identity, {})
     n = {key: (max(idx) + 1 if len(idx) else 1) for key, idx in toys.items()}
     store.prepare("p", digest, {"m1": 1}, n)
@@ -105,6 +106,8 @@ def test_commutative_associative_and_idempotent(tmp_path):
 @pytest.mark.parametrize(("change", "message"), [
     ({"test_stat": "q"}, "test_stat differs"),
     ({"digest": "e" * 64}, "different model"),
+    ({"modifier_settings": {"normsys": {"interpcode": "code1"}}}, "modifier_settings differs"),
+    ({"generation": "asimov"}, "generation differs"),
 ])
 def test_incompatible_stores_are_refused_untouched(tmp_path, change, message):
     toys = {(mu, hyp): {0, 1} for mu, hyp in itertools.product(MUS, ("sb", "b"))}
@@ -113,5 +116,8 @@ def test_incompatible_stores_are_refused_untouched(tmp_path, change, message):
     with pytest.raises(InputError, match=message):
         combine([a, b], tmp_path / "out.zarr")
     assert not (tmp_path / "out.zarr").exists()
-    with pytest.raises(InputError, match="not empty"):
+    with pytest.raises(InputError, match="not an empty folder"):
         combine([a, a], b)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not an empty folder"):
+        combine([a, a], tmp_path / "file")

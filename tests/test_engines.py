@@ -11,6 +11,7 @@ import importlib.util
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import threading
 import uuid
@@ -396,3 +397,13 @@ def test_endpoint_configs_load_and_keep_workers_warm(name):
     assert type(engine).__name__ == "GlobusComputeEngine" and config.idle_heartbeats_soft == 0
     assert engine.provider.min_blocks >= 1 and engine._job_status_kwargs["max_idletime"] >= 3600
     assert "pip install" in init and "toyfarm" in init
+
+
+def test_importing_toyfarm_starts_no_jax_backend():
+    """Workers set XLA_FLAGS (one thread each) after the task's modules are imported: an import
+    that ran JAX code would start the backend first and leave every worker multi-threaded."""
+    code = ("import toyfarm.cli, toyfarm.task, toyfarm.likelihood.teststat\n"
+            "from jax._src import xla_bridge\n"
+            "print(bool(xla_bridge._backends))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

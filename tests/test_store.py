@@ -73,6 +73,30 @@ def test_observed_and_stats(store):
                                 "compile_seconds": 2.5, "fit_seconds": 2.0}
 
 
+def test_an_observed_fit_that_failed_gives_no_observed_cls(store):
+    from toyfarm.results import hypotests
+
+    for mu in (1.0, 2.0):
+        store.write_toys("p", mu, "sb", 0, np.linspace(0, 2, 10), np.ones(10, bool))
+        store.write_toys("p", mu, "b", 0, np.linspace(0, 1, 6), np.ones(6, bool))
+    store.write_observed("p", 1.0, 0.5, True)
+    store.write_observed("p", 2.0, 0.5, False)
+    rows = hypotests(store)["p"]
+    assert np.isfinite(rows[1.0].CLs_obs) and np.isnan(rows[2.0].CLs_obs)
+    assert np.isfinite(rows[2.0].CLs_exp).all()  # the band needs no observed data
+
+
+def test_a_damaged_observed_chunk_is_found_and_refitted(store):
+    store.write_observed("p", 1.0, 0.25, True)
+    chunk = store._chunk_file(store._group("p")["q_obs"], (0,))
+    chunk.write_bytes(chunk.read_bytes()[:3])  # truncated
+    damage = store.check()
+    assert len(damage) == 1 and "observed" in damage[0]
+    store.check(repair=True)
+    assert store.check() == []
+    assert store.missing_observed("p", [1.0, 2.0]) == [1.0, 2.0]
+
+
 def test_saved_toys(tmp_path):
     s = Store.create(tmp_path / "t.zarr", IDENTITY, {}, save_toys=True)
     s.prepare("p", "d" * 64, {}, NTOYS)

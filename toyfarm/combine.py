@@ -53,8 +53,9 @@ def combine(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[
     if len(inputs) < 2:
         raise InputError("combine needs at least two stores")
     output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise InputError(f"the output {output} exists and is not empty; choose a new path")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise InputError(f"the output {output} exists and is not an empty folder; choose a new "
+                         "path")
     stores = [Store.open(path) for path in inputs]
     _check(stores)
     ident = stores[0].identity

@@ -23,22 +23,28 @@ def exclusive(lock: Path, what: str) -> Iterator[None]:
     holder, or one on another host, makes this raise an ``InputError`` naming it.
     """
     me = {"host": socket.gethostname(), "pid": os.getpid()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if not _stale(lock):
-                holder = _read(lock)
-                raise InputError(
-                    f"{what} is in use by another toyfarm run (pid {holder.get('pid')} on "
-                    f"{holder.get('host')}); wait for it to finish, or remove {lock} if that "
-                    "process is gone"
-                ) from None
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
+    # the lock appears with its holder already in it (a hard link of a written file): a crash
+    # can never leave an empty lock that names nobody and so is never stale
+    mine = lock.with_name(f"{lock.name}.{me['pid']}")
+    mine.write_text(json.dumps(me))
+    try:
+        for _ in range(2):
+            try:
+                os.link(mine, lock)
+                break
+            except FileExistsError:
+                if not _stale(lock):
+                    holder = _read(lock)
+                    raise InputError(
+                        f"{what} is in use by another toyfarm run (pid {holder.get('pid')} on "
+                        f"{holder.get('host')}); wait for it to finish, or remove {lock} if that "
+                        "process is gone"
+                    ) from None
+                lock.unlink(missing_ok=True)
+        else:  # another run took the stale lock over at the same moment
+            raise InputError(f"{what} was just taken by another toyfarm run; try again")
+    finally:
+        mine.unlink(missing_ok=True)
     try:
         yield
     finally:

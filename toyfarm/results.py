@@ -54,7 +54,8 @@ def hypotests(
     out: dict[str, dict[float, HypotestResult]] = {}
     for patch in _select(store, patches):
         grid = store.mus(patch)
-        q_obs, _ = store.observed(patch)
+        q_obs, observed_ok = store.observed(patch)
+        q_obs = np.where(observed_ok, q_obs, np.nan)  # an observed fit that failed decides nothing
         sb, b = store.toys(patch, "sb"), store.toys(patch, "b")
         rows = {}
         for i in np.argsort(grid):

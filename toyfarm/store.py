@@ -360,8 +360,14 @@ class Store:
             group = self._group(patch)
             n_mu = group["mu"].shape[0]
             for name in ("q_obs", "q_obs_converged"):
-                if not self._readable(group[name], (0,)) and repair:
-                    self._chunk_file(group[name], (0,)).unlink(missing_ok=True)
+                for k in range(-(-n_mu // _MU_CHUNK)):
+                    if self._readable(group[name], (k,)):
+                        continue
+                    damage.append(f"{patch} observed statistics ({name}, chunk {k}): "
+                                  "unreadable; refitted by the next run")
+                    if repair:  # both arrays of the chunk: the observed fit is redone whole
+                        for both in ("q_obs", "q_obs_converged"):
+                            self._chunk_file(group[both], (k,)).unlink(missing_ok=True)
             for hyp in HYPOTHESES:
                 sub = group[hyp]
                 data = [sub[name] for name in ("q", "converged", "toys") if name in sub]

@@ -189,7 +189,7 @@ class ModelSource:
                 raise InputError(
                     f"the patchset {self.patchset_path} was not made for the workspace "
                     f"{self.workspace_path} (digest mismatch); set verify_digest = false in "
-                    "[workspace] (or pass --no-verify-digest) to apply its patches by name"
+                    "[workspace] of the run config to apply its patches by name"
                 ) from None
         return patchset
 

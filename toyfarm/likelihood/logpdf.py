@@ -9,6 +9,7 @@ All functions are written for one point and are vmapped from outside; parameters
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -20,7 +21,7 @@ from toyfarm.likelihood.interpolation import histosys_delta, normsys_factor
 
 __all__ = ["Derivatives", "expected_rates", "fisher_information", "logpdf", "nll_derivatives"]
 
-_LOG_SQRT_2PI = 0.5 * jnp.log(2 * jnp.pi)
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)  # a float: no JAX work at import (XLA_FLAGS)
 #: how far below zero the expected count of an empty bin may go (see ``nll_derivatives``)
 EDGE_TOLERANCE = 1e-9
 
