@@ -13,6 +13,12 @@ inside a radius on the largest parameter move: far from the minimum the quadrati
 overshoots, and a rejected length then costs no derivatives. The radius grows after full steps and
 shrinks to what was taken otherwise. Bounds are handled by projection: a parameter on a bound
 with the gradient pushing outwards is held, trial points are clipped to the box.
+
+Expected counts stay >= 0 (see ``_Model``): an empty bin whose count the step would drive below
+zero is held at the edge through a Lagrange multiplier, and the next Hessian is the Lagrangian's.
+Work that few fits need (the Gauss-Newton fallback, a refactorisation when bounds bind, the edge
+solves) runs under a ``lax.cond`` on a flag reduced over the batch axis ``ROWS``, so a chunk of
+rows that needs none of it skips it.
 """
 
 from __future__ import annotations
