@@ -2,9 +2,9 @@
 
 Workers are started once per run and each keeps its ``worker_cache`` warm across tasks. They are
 spawned, never forked (a forked JAX process can deadlock), and with one worker per core each is
-pinned to its own core. A worker that dies (killed, out of
-memory) breaks a ``ProcessPoolExecutor`` for good; this executor then starts a fresh pool on the
-next ``submit``, so the coordinator's retry of the lost tasks simply goes on.
+pinned to its own core. A worker that dies (killed, out of memory) breaks a
+``ProcessPoolExecutor`` for good; this executor then starts a fresh pool on the next ``submit``,
+so the coordinator's retry of the lost tasks simply goes on.
 """
 
 from __future__ import annotations
