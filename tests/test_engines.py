@@ -175,8 +175,10 @@ class Serializer:
 
 def new_service():
     """What the stand-in SDK executors talk to: registrations, results, and faults to inject
-    (``refuse``: batches fail, which stops the SDK executor; ``hold``: tasks stay unsent)."""
-    return SimpleNamespace(registrations=0, results={}, batch_sizes=[], refuse=False, hold=False)
+    (``refuse``: batches fail, which stops the SDK executor; ``hold``: tasks stay unsent;
+    ``close_after``: the client's process stops after sending that many tasks)."""
+    return SimpleNamespace(registrations=0, results={}, batch_sizes=[], refuse=False, hold=False,
+                           runs=0, close_after=None)
 
 
 def finished(value, task_id):
@@ -206,6 +208,8 @@ class FakeSDK:
         if self.stopped:
             raise RuntimeError(f"{self!r} is shutdown; no new functions may be executed")
         assert fn in self.functions  # sent by reference to a registered function
+        if self.service.runs == self.service.close_after:
+            raise KeyboardInterrupt("the laptop closes")
         self.service.batch_sizes.append(self.batch_size)
         future = Future()
         future.task_id = None
@@ -215,7 +219,10 @@ class FakeSDK:
         elif not self.service.hold:
             future.task_id = str(uuid.uuid4())
             self.task_group_id = self.task_group_id or str(uuid.uuid4())
-            self.service.results[future.task_id] = fn(*args, **kwargs)
+            # arguments and result cross the wire pickled, as the service carries them
+            args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
+            self.service.results[future.task_id] = pickle.loads(pickle.dumps(fn(*args, **kwargs)))
+            self.service.runs += 1
             future.set_result(self.service.results[future.task_id])
         return future
 
@@ -284,6 +291,34 @@ def test_reattach_rebuilds_futures_from_task_ids():
     assert [again[i].result() for i in ids] == [2, 4]
     with pytest.raises(LookupError):
         again["00000000-0000-0000-0000-000000000000"].result()
+
+
+def test_globus_compute_runs_end_to_end_and_collects_what_a_closed_laptop_left(
+        reference, tmp_path, xla_cache):
+    """The coordinator through the Globus Compute executor, the real task run where the service
+    would run it: the store equals the in-process one. A client stopped after sending two
+    tasks leaves their ids in the store; the next run collects those two from the service and
+    sends only the others."""
+    service = new_service()
+    whole = small_config(tmp_path / "whole", xla_cache)
+    report = generate(whole, globus(service))
+    assert not report.failed and service.registrations == 1 and service.runs == report.tasks
+    assert_identical(stored(reference.store), stored(whole.store))
+    stats = Store.open(whole.store).stats()
+    assert stats["compiles"] <= len(PATCHES) and stats["compiles"] + stats["cache_hits"] == \
+        report.tasks
+
+    service = new_service()
+    service.close_after = 2
+    cfg = small_config(tmp_path / "closed", xla_cache)
+    with pytest.raises(KeyboardInterrupt):
+        generate(cfg, globus(service))
+    assert len(Store.open(cfg.store).submitted()) == 2
+    service.close_after = None
+    assert not generate(cfg, globus(service)).failed  # another process, the same service
+    assert service.runs == report.tasks  # the two collected were not run again
+    assert Store.open(cfg.store).submitted() == {}
+    assert_identical(stored(reference.store), stored(cfg.store))
 
 
 def test_a_remote_input_error_is_not_retried():
