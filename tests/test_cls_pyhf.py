@@ -12,9 +12,10 @@ So pyhf's side is assembled here from pyhf's own pieces, at toyfarm's generation
    bounds and fixed parameters. These fits run on pyhf's jax backend: the same pyhf code, with
    SLSQP given autodiff gradients instead of finite differences (on the example model about
    0.03 s instead of 0.25 s per toy; q agrees with the numpy backend to ~1e-8);
-4. CLs_obs: ``ToyCalculator.pvalues`` on two ``EmpiricalDistribution``; the median expected CLs
-   as ``ToyCalculator.expected_pvalues`` computes it: ``ToyCalculator.pvalues`` with every
-   b-only toy's q taken as observed, then ``np.percentile(..., 50, method="linear")`` in place of
+4. CLs_obs: ``ToyCalculator.pvalues`` on two ``EmpiricalDistribution``; the expected band
+   (-2σ, -1σ, median, +1σ, +2σ) as ``ToyCalculator.expected_pvalues`` computes it:
+   ``ToyCalculator.pvalues`` with every b-only toy's q taken as observed, then
+   ``np.percentile(..., method="linear")`` at pyhf's five literal normal percentiles, in place of
    pyhf's own percentile call, the one that breaks on numpy 2.4.
 
 toyfarm's side: ``toyfarm.coordinator.generate`` from a TOML config written into tmp_path, in
@@ -25,11 +26,13 @@ Checks, per case:
 - the observed q̃μ: toyfarm's ``q_obs`` equals pyhf's ``qmu_tilde`` on the observed data to 1e-6;
 - CLs_obs: |Δ| <= 3 sqrt(err_pyhf² + err_toyfarm²), each err binomial and propagated to CLs as
   ROOT's ``HypoTestResult::CLsError`` (pyhf's side computed here, toyfarm's from its result);
-- the median expected CLs: the same 3σ rule, each side's σ from a bootstrap (200 resamples of
-  both toy samples, band recomputed with ``toyfarm.stats.expected_band``): a median of per-toy
-  ratios that depend on both samples has no simple closed-form error;
-- ``toyfarm.stats.expected_band`` on pyhf's arrays gives pyhf's median (1e-12): the O(N log N)
-  band is pyhf's O(N²) arithmetic;
+- each of the five expected CLs: the same 3σ rule, each side's σ from a bootstrap (200 resamples
+  of both toy samples, band recomputed with ``toyfarm.stats.expected_band``, which gives all five
+  at once): a quantile of per-toy ratios that depend on both samples has no simple closed-form
+  error. Where a quantile is pinned (CLs = 0 at -2σ, 1 at +2σ on many resamples) its σ can be 0
+  on both sides; the rule then asks for equal values;
+- ``toyfarm.stats.expected_band`` on pyhf's arrays gives pyhf's five values (1e-12): the
+  O(N log N) band is pyhf's O(N²) arithmetic;
 - the q̃μ distributions themselves, s+b and b-only: two-sample Kolmogorov-Smirnov p > 1e-3
   (uses every toy, so it sees shape differences the two CLs numbers can miss).
 
@@ -67,6 +70,9 @@ SMALL = SHARED / "small" / "2-bin_1-channel.json"
 CODES = {"normsys": {"interpcode": "code4"}, "histosys": {"interpcode": "code4p"}}
 NTOYS_TOYFARM = 2048
 BOOTSTRAPS = 200
+# pyhf 0.7.6's ToyCalculator.expected_pvalues: -2σ, -1σ, median, +1σ, +2σ (its literal numbers)
+PYHF_PERCENTILES = [2.27501319, 15.86552539, 50.0, 84.13447461, 97.72498681]
+BAND = ("-2σ", "-1σ", "median", "+1σ", "+2σ")
 
 CASES = {
     "2-bin": {"workspace": SMALL, "patchset": None, "patch": "workspace", "mu": 1.0,
@@ -96,7 +102,7 @@ def pyhf_model(case):
 
 
 def pyhf_side(case, seed):
-    """pyhf's q_obs, the q̃μ of its s+b and b-only toys, CLs_obs pieces and median expected CLs."""
+    """pyhf's q_obs, the q̃μ of its s+b and b-only toys, CLs_obs pieces and expected band."""
     pyhf.set_backend("numpy")
     model, data = pyhf_model(case)
     mu, ntoys = case["mu"], case["ntoys"]
@@ -119,8 +125,8 @@ def pyhf_side(case, seed):
     sb, b = EmpiricalDistribution(q["sb"]), EmpiricalDistribution(q["b"])
     clsb, clb, cls = (float(x) for x in calc.pvalues(q_obs, sb, b))
     per_toy = np.array([float(calc.pvalues(value, sb, b)[2]) for value in b.samples])
-    median = float(np.percentile(per_toy, 50.0, method="linear"))
-    return q_obs, q["sb"], q["b"], (clsb, clb, cls), median
+    band = np.percentile(per_toy, PYHF_PERCENTILES, method="linear")
+    return q_obs, q["sb"], q["b"], (clsb, clb, cls), band
 
 
 def toyfarm_side(case, tmp_path, seed):
@@ -155,11 +161,11 @@ def binomial_cls_error(clsb, clb, cls, n_sb, n_b):
     return float(np.sqrt(err_sb**2 + cls**2 * err_b**2) / clb)
 
 
-def bootstrap_median_error(q_sb, q_b, rng):
-    """Spread of the median expected CLs over resamples of both toy samples."""
-    medians = [expected_band(rng.choice(q_sb, q_sb.size), rng.choice(q_b, q_b.size))[2]
-               for _ in range(BOOTSTRAPS)]
-    return float(np.std(medians, ddof=1))
+def bootstrap_band_error(q_sb, q_b, rng):
+    """Spread of each of the five expected CLs over resamples of both toy samples."""
+    bands = [expected_band(rng.choice(q_sb, q_sb.size), rng.choice(q_b, q_b.size))
+             for _ in range(BOOTSTRAPS)]
+    return np.std(bands, axis=0, ddof=1)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -169,7 +175,7 @@ def test_cls_agrees_with_pyhf(name, tmp_path, restore_pyhf):
         pytest.skip(f"{case['workspace']} not found: the 2-bin comparison needs the shared "
                     "data folder ../shared/data/workspaces")
     ours, our_sb, our_b = toyfarm_side(case, tmp_path, seed=20240601)
-    q_obs, py_sb, py_b, (clsb, clb, cls), median = pyhf_side(case, seed=12345)
+    q_obs, py_sb, py_b, (clsb, clb, cls), band = pyhf_side(case, seed=12345)
     n = case["ntoys"]
     rng = np.random.default_rng(0)
 
@@ -183,12 +189,15 @@ def test_cls_agrees_with_pyhf(name, tmp_path, restore_pyhf):
     assert 0.05 < cls < 0.5  # a check worth making: neither side's CLs is near 0 or 1
     assert abs(ours.CLs_obs - cls) <= tolerance
 
-    assert expected_band(py_sb, py_b)[2] == pytest.approx(median, abs=1e-12)
-    err_med_py = bootstrap_median_error(py_sb, py_b, rng)
-    err_med_ours = bootstrap_median_error(our_sb, our_b, rng)
-    print(f"{name}: median expected CLs pyhf {median:.4f} ± {err_med_py:.4f}, toyfarm "
-          f"{ours.CLs_exp[2]:.4f} ± {err_med_ours:.4f}")
-    assert abs(ours.CLs_exp[2] - median) <= 3 * np.hypot(err_med_py, err_med_ours)
+    np.testing.assert_allclose(expected_band(py_sb, py_b), band, rtol=0, atol=1e-12)
+    band_err_py = bootstrap_band_error(py_sb, py_b, rng)
+    band_err_ours = bootstrap_band_error(our_sb, our_b, rng)
+    for k, quantile in enumerate(BAND):
+        print(f"{name}: {quantile} expected CLs pyhf {band[k]:.4f} ± {band_err_py[k]:.4f}, "
+              f"toyfarm {ours.CLs_exp[k]:.4f} ± {band_err_ours[k]:.4f}")
+    assert 0.05 < band[2] < 0.95  # the median, at least, is a number that can disagree
+    within = np.abs(np.array(ours.CLs_exp) - band) <= 3 * np.hypot(band_err_py, band_err_ours)
+    assert within.all(), [q for q, ok in zip(BAND, within, strict=True) if not ok]
 
     for hyp, mine, theirs in (("s+b", our_sb, py_sb), ("b-only", our_b, py_b)):
         p = ks_2samp(mine, theirs).pvalue

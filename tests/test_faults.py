@@ -1,6 +1,7 @@
 """Faults lose nothing and count nothing twice: a killed coordinator, a killed worker, a damaged
-store. Each run ends in a store identical to an uninterrupted run's."""
+store, a task that keeps failing. Each run ends in a store identical to an uninterrupted run's."""
 
+import io
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from runs import EXAMPLE, assert_identical, small_config, stored
 
 from toyfarm.coordinator import generate
 from toyfarm.executors.local import LocalExecutor
+from toyfarm.progress import Progress
 from toyfarm.store import Store
 
 RUN = """
@@ -133,3 +135,71 @@ def _identity_of(cfg):
 
     ident = Store.open(cfg.store).identity
     return RunIdentity(**ident), {}
+
+
+def _broken_task(task):
+    """What a worker bug looks like from the coordinator: the task raises on every attempt."""
+    raise RuntimeError(f"injected fault in {task.task_id}")
+
+
+class FailOneTask(Executor):
+    """One worker thread; the chosen task raises on the worker, every time it is sent."""
+
+    def __init__(self, chosen):
+        self.inner = ThreadPoolExecutor(1)
+        self.chosen = chosen
+        self.sent = []  # the chosen task, once per attempt
+
+    def submit(self, fn, task):
+        if self.chosen(task) and (not self.sent or task.task_id == self.sent[0].task_id):
+            self.sent.append(task)
+            return self.inner.submit(_broken_task, task)
+        return self.inner.submit(fn, task)
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        self.inner.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def test_a_task_that_keeps_failing_is_reported_and_exactly_redone(reference, tmp_path,
+                                                                   xla_cache):
+    from toyfarm.cli.store import store_info
+
+    cfg = small_config(tmp_path, xla_cache, retries=2)
+    # a task of the second patch that also computes an observed statistic
+    executor = FailOneTask(lambda task: task.patch == "sig_500_100" and 2.0 in task.observed)
+    log = io.StringIO()
+    try:
+        report = generate(cfg, executor, progress=lambda n: Progress(n, stream=log))
+    finally:
+        executor.shutdown()
+    assert len(executor.sent) == cfg.retries + 1  # bounded retries, then given up
+    task = executor.sent[0]
+    assert all(t == task for t in executor.sent)  # the same task every time
+    name = task.task_id
+    assert [f.task_id for f in report.failed] == [task.task_id]
+    failed = report.failed[0]
+    assert (failed.patch, failed.ntoys) == ("sig_500_100", task.ntoys)
+    assert "Traceback" in failed.error and "in _broken_task" in failed.error
+    assert failed.error.rstrip().endswith(f"RuntimeError: injected fault in {name}")
+    # the user sees the retries, then the whole traceback, not just its last line
+    assert log.getvalue().count(f"task {name} failed, retrying") == cfg.retries
+    assert (f"task {name} failed ({task.ntoys} toys left for the next run):\n"
+            f"{failed.error.rstrip()}") in log.getvalue()
+    assert report.as_dict()["failed"] == [{"task": name, "patch": "sig_500_100",
+                                           "ntoys": task.ntoys,
+                                           "error": f"RuntimeError: injected fault in {name}"}]
+    # every other task completed, and the store says exactly what is missing
+    assert report.toys_done == report.toys_planned - task.ntoys
+    info = store_info(Store.open(cfg.store))
+    missing = {(m["patch"], m["hypothesis"], m["mu"], start, stop)
+               for m in info["missing"] for start, stop in m["toys"]}
+    assert missing == {("sig_500_100", r.hypothesis, r.mu, r.start, r.stop) for r in task.ranges}
+    assert info["missing_observed"] == {"sig_500_100": list(task.observed)}
+    assert info["toys_planned"] - info["toys_done"] == task.ntoys
+
+    with ThreadPoolExecutor(1) as pool:
+        again = generate(cfg, pool)
+    assert not again.failed
+    assert (again.toys_planned, again.tasks) == (task.ntoys, 1)  # exactly the missing toys
+    assert_identical(stored(reference.store), stored(cfg.store))
+    assert Store.open(cfg.store).stats()["tasks"] == report.tasks + again.tasks  # once each

@@ -335,3 +335,30 @@ def test_needs_more_toys_on_real_counts_and_nan_q_obs():
     assert needs_more_toys(r, 0.005, min_toys=1)
     with pytest.raises(ValueError, match="NaN"):
         needs_more_toys(hypotest(np.nan, q_sb, q_b), target_error=0.005)
+
+
+# ------------------------------------------------- reliability: p-value and quantile properties
+# (the reliability issue's block: general properties of any input, beyond agreement with pyhf)
+@SETTINGS
+@given(q_sb=samples, q_b=samples, q_obs=tied_values, seed=st.integers(0, 9))
+def test_pvalues_are_fractions_and_cls_their_ratio(q_sb, q_b, q_obs, seed):
+    r = hypotest(q_obs, q_sb, q_b)
+    assert 0 <= r.CLsb_obs <= 1 and 0 <= r.CLb_obs <= 1
+    assert r.CLsb_obs == np.count_nonzero(q_sb >= q_obs) / q_sb.size
+    assert r.CLsb_obs_error >= 0 and r.CLb_obs_error >= 0
+    if r.CLb_obs > 0:
+        assert r.CLs_obs == r.CLsb_obs / r.CLb_obs and r.CLs_obs_error >= 0
+    # the order the toys are stored in never matters
+    rng = np.random.default_rng(seed)
+    np.testing.assert_equal(hypotest(q_obs, rng.permutation(q_sb), rng.permutation(q_b)).as_dict(),
+                            r.as_dict())
+
+
+@SETTINGS
+@given(q_sb=samples, q_b=samples)
+def test_band_is_ordered_quantiles_of_the_per_toy_cls(q_sb, q_b):
+    band = np.array(expected_band(q_sb, q_b))
+    assert np.all(np.diff(band) >= 0)  # -2σ <= -1σ <= median <= +1σ <= +2σ
+    per_toy = [hypotest(x, q_sb, q_b).CLs_obs for x in q_b]  # each b toy taken as observed
+    assert min(per_toy) <= band[0] and band[-1] <= max(per_toy)
+    assert np.array_equal(band, expected_band(q_sb[::-1], q_b[::-1]))

@@ -133,3 +133,19 @@ def test_lock_refuses_a_second_writer_and_takes_over_a_dead_ones(store):
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345}))
     with store.lock():
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_check_patch_refuses_before_anything_is_written(store, tmp_path):
+    files = sorted(p for p in store.path.rglob("*") if p.is_file())
+    store.check_patch("p", "d" * 64)  # the model the store holds: fine
+    store.check_patch("new", "e" * 64)  # a patch not in the store yet: fine
+    with pytest.raises(InputError, match="different model for patch 'p'"):
+        store.check_patch("p", "e" * 64)
+    for name in ("a/b", ".hidden"):
+        with pytest.raises(InputError, match="cannot name a store group"):
+            store.check_patch(name, "d" * 64)
+    assert sorted(p for p in store.path.rglob("*") if p.is_file()) == files
+    assert store.patches() == ["p"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file, not a store folder"):
+        Store.create(tmp_path / "file", IDENTITY, {})

@@ -15,14 +15,18 @@ __all__ = ["generate", "cls", "limit", "combine"]
 PathLike = str | os.PathLike[str]
 
 
-def generate(config: PathLike | RunConfig, executor: Executor | None = None,
+def generate(config: PathLike | RunConfig, executor: Executor | str | None = None,
              **overrides: Any) -> dict[str, Any]:
-    """Fill a store as ``toyfarm generate`` does; keyword arguments override the config
-    (``store=``, ``mu=[...]``, ``ntoys=``, ``workers=``, ``executor=``, ``endpoint=``, ...).
-    Pass any ``Executor`` to use it instead of the configured engine. Returns the run summary."""
+    """Fill a store as ``toyfarm generate`` does; keyword arguments override the config with
+    ``RunConfig``'s names (``store=``, ``patches=``, ``mu=[...]``, ``ntoys=``, ``workers=``,
+    ``target_cls_error=``, ``endpoint=``, ...). ``executor`` is an engine's name, as
+    ``--executor``, or any ``Executor`` to use instead of the configured engine. Returns the run
+    summary; bad input raises ``InputError``."""
     from toyfarm.coordinator import generate as run
     from toyfarm.executors import make_executor
 
+    if isinstance(executor, str):
+        overrides["executor"], executor = executor, None
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     cfg = cfg.with_overrides(**overrides)
     if executor is not None:
@@ -55,6 +59,6 @@ def limit(store: PathLike, patch: str | Iterable[str] | None = None,
 
 def combine(stores: Sequence[PathLike], output: PathLike) -> dict[str, Any]:
     """Merge stores of separate runs into ``output``; returns what was combined."""
-    from toyfarm.combine import combine as run
+    from toyfarm.merge import combine as run
 
     return run(stores, output)

@@ -30,7 +30,7 @@ _SCHEMA: dict[str, set[str]] = {
     "workspace": {"path", "patchset", "patches", "modifier_settings", "measurement",
                   "verify_digest"},
     "toys": {"test_stat", "mu", "ntoys", "ntoys_b", "seed", "batch_size", "block",
-             "target_cls_error", "max_toys"},
+             "target_cls_error", "max_toys", "level"},
     "executor": {"kind", "workers", "compilation_cache", "retries", "scheduler", "parsl_config",
                  "endpoint"},
     "output": {"store", "save_toys"},
@@ -53,6 +53,7 @@ class RunConfig:
     # adaptive toys: add toys where the MC error of CLs_obs exceeds this (None: a fixed ntoys)
     target_cls_error: float | None = None
     max_toys: int = 20000  # cap on s+b toys per (patch, μ) for adaptive toys
+    level: float = 0.05  # adaptive toys: the CLs threshold "3 errors from the threshold" refers to
     batch_size: int = 512
     block: int = DEFAULT_BLOCK
     executor: str = "local"
@@ -74,13 +75,21 @@ class RunConfig:
         return {"sb": self.ntoys, "b": self.ntoys if self.ntoys_b is None else self.ntoys_b}
 
     def with_overrides(self, **flags: Any) -> RunConfig:
-        """A copy with the given (non-None) values replaced; checked again."""
+        """A copy with the given (non-None) values replaced; checked again.
+
+        ``mu`` and ``patches`` take one value or several (the Python API's ``mu=1.0``)."""
         changes = {k: v for k, v in flags.items() if v is not None and v != ()}
+        known = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(changes) - set(known))
+        if unknown:
+            raise InputError(f"unknown setting {unknown[0]!r} (known: {', '.join(known)})")
         if "executor" in changes:
             changes["executor"] = _ALIASES.get(changes["executor"], changes["executor"])
         for key in ("mu", "patches"):
             if key in changes:
-                changes[key] = tuple(changes[key])
+                value = changes[key]
+                # a lone name must not become a tuple of its letters
+                changes[key] = (value,) if isinstance(value, str | int | float) else tuple(value)
         if "parsl_config" in changes:
             changes["parsl_config"] = Path(changes["parsl_config"])
         return dataclasses.replace(self, **changes)
@@ -97,6 +106,8 @@ def _check(cfg: RunConfig) -> None:
         )
     if cfg.target_cls_error is not None and not 0 < cfg.target_cls_error < 1:
         raise InputError(f"target_cls_error must be in (0, 1), got {cfg.target_cls_error}")
+    if not 0 < cfg.level < 1:
+        raise InputError(f"level must be in (0, 1), got {cfg.level}")
     for name in ("ntoys", "batch_size", "block", "max_toys"):
         if getattr(cfg, name) <= 0:
             raise InputError(f"{name} must be positive, got {getattr(cfg, name)}")
@@ -128,6 +139,8 @@ _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
 
 
 def _kind_name(kinds: tuple[type, ...]) -> str:
+    if set(kinds) == {int, float}:  # TOML's 1 is an int: to a reader both are "a number"
+        return "a number"
     return " or ".join(_KIND_NAMES[k] for k in kinds)
 
 
@@ -135,9 +148,13 @@ def load_config(path: str | os.PathLike[str]) -> RunConfig:
     """Read and check a run config; relative paths are taken from the config's folder."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except IsADirectoryError:
+        raise InputError(f"the config {path} is a folder: give the path of a TOML file") from None
     except OSError as err:
         raise InputError(f"cannot read the config {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"the config {path} is not UTF-8 text (byte {err.start})") from None
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"the config {path} is not valid TOML: {err}") from None
     for section, table in raw.items():
@@ -184,9 +201,9 @@ def load_config(path: str | os.PathLike[str]) -> RunConfig:
     for key in ("ntoys", "ntoys_b", "seed", "batch_size", "block", "max_toys"):
         if key in toys:
             values[key] = _typed("toys", key, toys[key], int)
-    if "target_cls_error" in toys:
-        values["target_cls_error"] = float(_typed("toys", "target_cls_error",
-                                                  toys["target_cls_error"], (int, float)))
+    for key in ("target_cls_error", "level"):
+        if key in toys:
+            values[key] = float(_typed("toys", key, toys[key], (int, float)))
     if "kind" in ex:
         kind = _typed("executor", "kind", ex["kind"], str)
         values["executor"] = _ALIASES.get(kind, kind)

@@ -81,15 +81,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def check_mu_bounds(source: ModelSource, patch: str, mus: tuple[float, ...]) -> None:
-    """Refuse μ outside the POI bounds before anything runs (workers check every patch)."""
-    model, _ = source.model(patch)
-    low, high = model.config.suggested_bounds()[model.config.poi_index]
-    for mu in mus:
-        if not low <= mu <= high:
+def check_mu_bounds(source: ModelSource, patches: list[str], mus: tuple[float, ...]) -> None:
+    """Refuse μ outside the POI bounds of any patch before anything runs."""
+    for patch, (poi, low, high) in source.poi_bounds(patches).items():
+        outside = [mu for mu in mus if not low <= mu <= high]
+        if outside:
             raise InputError(
-                f"mu = {mu} is outside the bounds [{low}, {high}] of the POI "
-                f"{model.config.poi_name!r}; change --mu or the bounds in the measurement"
+                f"mu = {outside[0]} is outside the bounds [{low}, {high}] of the POI {poi!r} of "
+                f"{patch!r}; change --mu, or the bounds in the measurement (or the patch)"
             )
 
 
@@ -104,7 +103,7 @@ def generate(
     source = ModelSource(cfg.workspace, cfg.patchset, cfg.modifier_settings, cfg.measurement,
                          cfg.verify_digest)
     patches = source.check_patches(list(cfg.patches)) if cfg.patches else source.patches()
-    check_mu_bounds(source, patches[0], cfg.mu)
+    check_mu_bounds(source, patches, cfg.mu)
     identity = RunIdentity(cfg.test_stat, GENERATION, cfg.seed, cfg.block,
                            source.modifier_settings, cfg.measurement)
     store = Store.create(cfg.store, identity, _versions(), cfg.save_toys)
@@ -113,9 +112,11 @@ def generate(
     labels, names = source.labels(), source.label_names()
     report = RunReport(str(cfg.store))
     with store.lock():
+        refs = {patch: source.model_ref(patch) for patch in patches}
+        for patch in patches:  # all before any write: a refused run leaves the store as it was
+            store.check_patch(patch, refs[patch].digest)
         for line in store.check(repair=True):
             (progress or Progress)(0).note(f"damaged, will be regenerated: {line}")
-        refs = {patch: source.model_ref(patch) for patch in patches}
         earlier = _reattach(store, executor, source, cfg, (progress or Progress)(0))
         if earlier:  # results of tasks an earlier run sent off and never collected
             bar = (progress or Progress)(sum(t.ntoys for t in earlier.values()))
@@ -151,18 +152,26 @@ def generate(
 def more_toys(store: Store, cfg: RunConfig, patches: list[str]):
     """Adaptive toys: double the toys of each (patch, μ) whose CLs_obs is not yet known well
     enough (``stats.needs_more_toys``), up to ``cfg.max_toys`` s+b toys; b-only toys keep the
-    configured ratio. Returns ``{patch: {(mu, hypothesis): ntoys}}`` of what to add."""
+    configured ratio. Toys planned by an earlier run that stopped inside a round are completed
+    first, and judged once done. Returns ``{patch: {(mu, hypothesis): ntoys}}`` of what to add."""
     from toyfarm.results import hypotests
 
     ratio = cfg.ntoys_by_hypothesis["b"] / cfg.ntoys
     targets: dict[str, dict[tuple[float, str], int]] = {}
     for patch, rows in hypotests(store, patches, cfg.mu).items():
-        planned = dict(zip(store.mus(patch).tolist(), store.planned(patch, "sb"), strict=True))
+        mus = store.mus(patch).tolist()
+        planned = {hyp: dict(zip(mus, store.planned(patch, hyp).tolist(), strict=True))
+                   for hyp in ("sb", "b")}
         for mu, result in rows.items():
-            n_sb = int(planned[mu])
+            n_sb, n_b = planned["sb"][mu], planned["b"][mu]
+            if (result.ntoys_sb + result.not_converged_sb < n_sb
+                    or result.ntoys_b + result.not_converged_b < n_b):
+                # doubling now would skip the judgement of toys planned but never done
+                targets.setdefault(patch, {}).update({(mu, "sb"): n_sb, (mu, "b"): n_b})
+                continue
             if np.isnan(result.q_obs) or n_sb >= cfg.max_toys:
                 continue
-            if needs_more_toys(result, cfg.target_cls_error):
+            if needs_more_toys(result, cfg.target_cls_error, cfg.level):
                 n_sb = min(2 * n_sb, cfg.max_toys)
                 targets.setdefault(patch, {})
                 targets[patch][(mu, "sb")] = n_sb

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from toyfarm.stats import HypotestResult, hypotest, upper_limit
+from toyfarm.stats import HypotestResult, Limit, hypotest, upper_limit
 from toyfarm.store import Store
 from toyfarm.workspace import InputError
 
@@ -81,6 +81,11 @@ def cls_table(results: dict[str, dict[float, HypotestResult]]) -> dict[str, dict
     }
 
 
+def _bracket(grid: np.ndarray, limit: Limit) -> list[float | None]:
+    """The grid points ``[mu_lo, mu_hi]`` around a limit; ``None`` on a side that has none."""
+    return [None if i is None else float(grid[i]) for i in (limit.lo, limit.hi)]
+
+
 def limits(
     store: Store | str | os.PathLike[str],
     patches: Iterable[str] | None = None,
@@ -88,9 +93,13 @@ def limits(
 ) -> dict[str, dict[str, Any]]:
     """``{patch: {"obs", "exp": [5], "detail"}}``: upper limits on μ at CLs = ``level``.
 
-    ``detail`` names the grid points that bracket each crossing, or why there is none (NaN limit),
-    and each limit's status (``ok``, ``below_scan``, ``above_scan``, ``no_data``).
+    ``detail`` says how each limit was found: ``"obs"`` and ``"exp"`` (5) a sentence naming the
+    grid points that bracket the crossing, or why there is none (NaN limit); ``"status"`` each
+    limit's status (``ok``, ``below_scan``, ``above_scan``, ``no_data``); ``"bracket"`` each
+    limit's ``[mu_lo, mu_hi]`` grid points (see ``stats.Limit``; ``None`` where there is none).
     """
+    if not 0 < level < 1:
+        raise InputError(f"level must be in (0, 1), got {level}")
     out = {}
     for patch, rows in hypotests(store, patches).items():
         grid = np.array(list(rows))
@@ -103,6 +112,8 @@ def limits(
             "detail": {"obs": result.obs.message,
                        "exp": [limit.message for limit in result.exp],
                        "status": {"obs": result.obs.status,
-                                  "exp": [limit.status for limit in result.exp]}},
+                                  "exp": [limit.status for limit in result.exp]},
+                       "bracket": {"obs": _bracket(grid, result.obs),
+                                   "exp": [_bracket(grid, limit) for limit in result.exp]}},
         }
     return out

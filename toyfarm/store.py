@@ -109,6 +109,8 @@ class Store:
     ) -> Store:
         """A new store, or the existing one at ``path`` when it holds the same kind of toys."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise InputError(f"the store {path} is a file, not a store folder: choose another path")
         if path.exists() and any(path.iterdir()):
             store = cls.open(path, writable=True)
             store.check_identity(identity)
@@ -162,6 +164,19 @@ class Store:
     def patch_attrs(self, patch: str) -> dict[str, Any]:
         return dict(self._group(patch).attrs)
 
+    def check_patch(self, patch: str, digest: str) -> None:
+        """Refuse a patch whose name cannot be a group, or whose model differs from the one the
+        store holds toys of (checked for every patch before a run writes anything)."""
+        if "/" in patch or patch.startswith("."):
+            raise InputError(f"patch name {patch!r} cannot name a store group ('/' or leading '.')")
+        stored = self.patch_attrs(patch)["digest"] if self.has_patch(patch) else digest
+        if stored != digest:
+            raise InputError(
+                f"the store {self.path} holds toys of a different model for patch {patch!r} "
+                f"(model digest {stored[:12]}..., this run: {digest[:12]}...); the workspace, "
+                "patch, measurement or modifier settings changed: use another store"
+            )
+
     def prepare(
         self,
         patch: str,
@@ -170,8 +185,7 @@ class Store:
         ntoys: Mapping[tuple[float, str], int],
     ) -> None:
         """Room for ``ntoys[(mu, hypothesis)]`` toys: extends the μ grid and toys, never shrinks."""
-        if "/" in patch or patch.startswith("."):
-            raise InputError(f"patch name {patch!r} cannot name a store group ('/' or leading '.')")
+        self.check_patch(patch, digest)
         block = int(self.identity["block"])
         if not self.has_patch(patch):
             group = self._root.create_group(patch)
@@ -192,12 +206,6 @@ class Store:
                     sub.create_array(name, shape=(0, 0), chunks=(1, block), dtype=dtype,
                                      fill_value=fill)
         group = self._group(patch)
-        if group.attrs["digest"] != digest:
-            raise InputError(
-                f"the store {self.path} holds toys of a different model for patch {patch!r} "
-                f"(model digest {group.attrs['digest'][:12]}..., this run: {digest[:12]}...); "
-                "the workspace, patch, measurement or modifier settings changed: use another store"
-            )
         known = list(group["mu"][:])
         new = list(dict.fromkeys(mu for mu, _ in ntoys if mu not in known))
         grid = known + new

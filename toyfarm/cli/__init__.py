@@ -40,13 +40,20 @@ def _quiet_shutdown() -> None:
 def main() -> None:
     """Entry point: bad input is one line on stderr and exit status 2, never a traceback."""
     try:
-        cli(standalone_mode=False)
+        cli(prog_name="toyfarm", standalone_mode=False)
     except InputError as err:
         click.echo(f"toyfarm: error: {err}", err=True)
         _quiet_shutdown()
         raise SystemExit(2) from None
     except click.exceptions.Abort:
         raise SystemExit(130) from None
-    except click.ClickException as err:
+    except click.exceptions.NoArgsIsHelpError as err:  # bare `toyfarm`: its message is the help
         err.show()
+        raise SystemExit(2) from None
+    except click.ClickException as err:
+        # click's own form is four lines (usage, hint, blank, error): the error and where to look
+        click.echo(f"toyfarm: error: {err.format_message()}", err=True)
+        ctx = getattr(err, "ctx", None)
+        if ctx is not None:
+            click.echo(f"(see {ctx.command_path} --help)", err=True)
         raise SystemExit(2) from None

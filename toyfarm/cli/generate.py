@@ -25,6 +25,8 @@ from toyfarm.likelihood.teststat import TEST_STATISTICS
               help="Adaptive: add toys until the MC error of CLs_obs is at most this (or CLs is "
               "3 errors from the threshold).")
 @click.option("--max-toys", type=int, help="Adaptive: cap on s+b toys per (patch, μ).")
+@click.option("--level", type=float,
+              help="Adaptive: the CLs threshold of that rule (default 0.05, as `limit`).")
 @click.option("--executor", type=click.Choice([*EXECUTOR_KINDS, "funcx"]))
 @click.option("--workers", type=int, help="Worker processes of the engines that start them on "
               "this machine: local, dask and parsl by default, gc-engine (default: the cores).")

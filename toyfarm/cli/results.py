@@ -16,6 +16,20 @@ def _fmt(x: float) -> str:
     return "nan" if math.isnan(x) else f"{x:.4g}"
 
 
+_QUANTILES = ("-2σ", "-1σ", "median", "+1σ", "+2σ")
+
+
+def _bracket(status: str, lo: float | None, hi: float | None) -> str:
+    """Where one limit lies on the μ grid, in a few characters (``stats.Limit`` statuses)."""
+    if status == "ok":
+        return f"= {lo:g}" if lo == hi else f"in [{lo:g}, {hi:g}]"
+    if status == "above_scan":  # the warnings below say why
+        return f"> {lo:g}"
+    if status == "below_scan":
+        return f"< {hi:g}"
+    return "no finite CLs"
+
+
 @click.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--patch", "patches", multiple=True, help="Only this patch (repeatable).")
@@ -67,12 +81,16 @@ def limit(store: Path, patches: tuple[str, ...], level: float, as_json: bool) ->
         for patch, r in result.items():
             exp = " ".join(f"{_fmt(x):>8}" for x in r["exp"])
             click.echo(f"{patch:<28} {_fmt(r['obs']):>8} {exp:>44}")
-            click.echo(f"{'':<28} observed: {r['detail']['obs']}")
+            detail = r["detail"]
+            click.echo(f"  observed: {detail['obs']}")
+            where = [f"{name} {_bracket(status, *mus)}" for name, status, mus in
+                     zip(_QUANTILES, detail["status"]["exp"], detail["bracket"]["exp"],
+                         strict=True)]
+            click.echo(f"  expected: {', '.join(where)}")
     for patch, r in result.items():
         for name, value, text in [("observed", r["obs"], r["detail"]["obs"])] + [
             (f"expected {k}", v, t)
-            for k, v, t in zip(("-2σ", "-1σ", "median", "+1σ", "+2σ"), r["exp"],
-                               r["detail"]["exp"], strict=True)
+            for k, v, t in zip(_QUANTILES, r["exp"], r["detail"]["exp"], strict=True)
         ]:
             if math.isnan(value):
                 click.echo(f"warning: {patch}: {name} limit not bracketed by the grid: {text}",

@@ -5,6 +5,11 @@ the union of the inputs' toys, each seed's toys side by side on the toy axis (th
 ``segments``), and a toy present in several inputs is kept once. Inputs must describe the same
 toys: same model digest per patch, modifier settings, measurement, test statistic and generation
 mode; anything else is refused before the output is created.
+
+The result does not depend on the order of the inputs. Seeds and fit blocks may differ; a toy
+that two inputs fitted in different blocks may differ in its last bits (``differing_duplicates``
+counts them) and the smallest block's is kept. A store records one block, so for such toys
+combining in steps, (a + b) + c, may keep another of the copies than a + (b + c) does.
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ def combine(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[
                          "path")
     stores = [Store.open(path) for path in inputs]
     _check(stores)
+    # The same result whatever the order of the inputs: a toy fitted in different blocks by two
+    # inputs may differ in its last bits, and the one kept is the smallest block's (as is the
+    # output's block); the sort is stable, and inputs equal in both hold bit-identical toys.
+    stores.sort(key=lambda s: (int(s.identity["block"]), _seeds(s.identity)))
     ident = stores[0].identity
     seeds = sorted({seed for s in stores for seed in _seeds(s.identity)})
     identity = RunIdentity(ident["test_stat"], ident["generation"],
@@ -65,7 +74,7 @@ def combine(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[
                            ident["modifier_settings"], ident["measurement"])
     save_toys = all(s.meta["save_toys"] for s in stores)
     out = Store.create(output, identity, stores[0].meta["versions"], save_toys)
-    summary = {"store": str(output), "inputs": [str(s.path) for s in stores], "seeds": seeds,
+    summary = {"store": str(output), "inputs": [str(Path(p)) for p in inputs], "seeds": seeds,
                "toys": 0, "duplicates": 0, "differing_duplicates": 0}
     with out.lock():
         for patch in sorted({p for s in stores for p in s.patches()}):
