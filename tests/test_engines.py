@@ -442,3 +442,33 @@ def test_importing_toyfarm_starts_no_jax_backend():
             "print(bool(xla_bridge._backends))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_workers_one_per_core_are_pinned_by_rank_or_name(monkeypatch):
+    """Parsl workers (parsl, gc-engine) pin from their rank at their first task, Dask's
+    LocalCluster workers from their name as they start; only where they are one per core."""
+    import toyfarm.executors as executors
+
+    cores = os.cpu_count() or 1
+    assert executors.PIN_VARIABLE in executors.worker_environment(cores)
+    assert executors.PIN_VARIABLE not in executors.worker_environment(max(1, cores // 2)) or \
+        cores == 1
+    pinned = []
+    monkeypatch.setattr(executors, "pin_to_core", pinned.append)
+    for env, expected in [({}, False), ({executors.PIN_VARIABLE: "1"}, False),
+                          ({"PARSL_WORKER_RANK": "1"}, False),
+                          ({executors.PIN_VARIABLE: "1", "PARSL_WORKER_RANK": "1"}, True)]:
+        monkeypatch.delenv(executors.PIN_VARIABLE, raising=False)
+        monkeypatch.delenv("PARSL_WORKER_RANK", raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        executors.pin_parsl_worker.cache_clear()
+        assert executors.pin_parsl_worker() is expected
+    executors.pin_parsl_worker.cache_clear()
+    assert pinned == [1]
+    if importlib.util.find_spec("distributed"):
+        import toyfarm.executors.dask as dask_executor
+
+        monkeypatch.setattr(dask_executor, "pin_to_core", pinned.append)
+        dask_executor.PinToCore().setup(SimpleNamespace(name=0))
+        assert pinned == [1, 0]

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 import worker_cache
+from toyfarm.executors import pin_parsl_worker
 from toyfarm.plan import ToyRange
 from toyfarm.workspace import InputError, ModelRef
 
@@ -90,6 +91,7 @@ def _build(model: ModelRef) -> _Model:
 
 def run_task(task: Task) -> TaskResult:
     """Throw and fit the task's toys and its observed statistics; results and worker stats."""
+    pin_parsl_worker()  # before JAX starts its threads: they inherit the core
     from toyfarm.likelihood.run import block_statistics, generation_mu, observed_statistic
 
     start = time.perf_counter()

@@ -3,6 +3,7 @@ calls ``submit`` on them (and ``shutdown`` when the run ends)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from concurrent.futures import Executor
@@ -10,7 +11,10 @@ from pathlib import Path
 
 from toyfarm.workspace import InputError
 
-__all__ = ["EXECUTORS", "make_executor", "pin_to_core", "worker_environment"]
+__all__ = ["EXECUTORS", "make_executor", "pin_parsl_worker", "pin_to_core", "worker_environment"]
+
+#: set in the workers' environment where they are one per core and should be pinned
+PIN_VARIABLE = "TOYFARM_PIN_CORES"
 
 #: engine names the CLI and configs accept (``funcx`` is another name for ``globus-compute``)
 EXECUTORS = ("local", "dask", "parsl", "globus-compute", "gc-engine")
@@ -68,7 +72,8 @@ def worker_environment(workers: int) -> dict[str, str]:
     executor's workers get it: one XLA CPU thread pool per worker, sized so that the workers
     together use the cores without oversubscribing them. The same flags also give the same
     keys in JAX's on-disk compilation cache, so all local engines share its programs."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // workers)
     flags = os.environ.get("XLA_FLAGS", "")
     env = {name: os.environ.get(name, str(threads))
            for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
@@ -76,6 +81,8 @@ def worker_environment(workers: int) -> dict[str, str]:
         env["XLA_FLAGS"] = (
             f"{flags} --xla_cpu_multi_thread_eigen=false"
         ).strip()
+    if workers >= cores:
+        env[PIN_VARIABLE] = "1"
     return env
 
 
@@ -93,4 +100,24 @@ def pin_to_core(index: int) -> None:
     threadpool_limits(1)
     if hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[index % len(cores)]})
+        core = {cores[index % len(cores)]}
+        # affinity is per thread on Linux: every thread of the process, not only the caller (a
+        # Dask worker pins from its event loop, its tasks run in another thread); threads
+        # started later inherit it from their creator
+        threads = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
+        for thread in threads:
+            try:
+                os.sched_setaffinity(int(thread), core)
+            except OSError:  # a thread that ended meanwhile
+                pass
+
+
+@functools.cache
+def pin_parsl_worker() -> bool:
+    """Pin this process to its core if it is a Parsl worker (the parsl and gc-engine engines)
+    started one per core (``worker_environment``); once per process. Whether it pinned."""
+    rank = os.environ.get("PARSL_WORKER_RANK")
+    if os.environ.get(PIN_VARIABLE) != "1" or rank is None:
+        return False
+    pin_to_core(int(rank))
+    return True

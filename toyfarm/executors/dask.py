@@ -12,10 +12,21 @@ import os
 from concurrent.futures import Executor, Future
 from typing import Any
 
-from toyfarm.executors import worker_environment
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from toyfarm.executors import PIN_VARIABLE, pin_to_core, worker_environment
 from toyfarm.workspace import InputError
 
-__all__ = ["DaskExecutor"]
+__all__ = ["DaskExecutor", "PinToCore"]
+
+
+class PinToCore(WorkerPlugin):
+    """Pins each worker of a ``LocalCluster`` (named 0, 1, ...) to its own core as it starts,
+    a restarted one too: unpinned single-threaded workers share cores badly (see
+    ``pin_to_core``)."""
+
+    def setup(self, worker) -> None:
+        pin_to_core(int(worker.name))
 
 
 class DaskExecutor(Executor):
@@ -32,9 +43,12 @@ class DaskExecutor(Executor):
                 raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from None
         else:
             n = workers or os.cpu_count() or 1
+            env = worker_environment(n)
             self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                        dashboard_address=None, env=worker_environment(n))
+                                        dashboard_address=None, env=env)
             self.client = Client(self.cluster)
+            if PIN_VARIABLE in env:  # one worker per core, each on its own
+                self.client.register_plugin(PinToCore())
         # pure=False: a retried task has the same arguments and must run again, not be
         # answered from the failed attempt's key
         self._executor = self.client.get_executor(pure=False)
