@@ -4,7 +4,8 @@ pyhf's ``ToyCalculator.distributions`` throws toys with ``Model.make_pdf(...).sa
 numpy >= 2.4 in pyhf 0.7.6) and fits each one with ``infer.test_statistics.qmu_tilde`` on the numpy
 backend with the default scipy optimizer. We time exactly that fit loop on toyfarm's own toys of
 the same model (sampling is negligible beside the fits). A toy = one pseudo-dataset fully fitted
-for q̃μ (a conditional and a free fit). Usage: ``python benchmarks/bench_toys.py [--quick]``.
+for q̃μ (conditional and free fits, from several starts).
+Usage: ``python benchmarks/bench_toys.py [--quick]``.
 
 toyfarm is measured twice: in this process (XLA's thread pool on every core), and as one spawned
 process per core, each with a single-threaded XLA and pinned to its core as the local executor's

@@ -63,23 +63,38 @@ def _lower(a: FitResult, b: FitResult) -> FitResult:
     return FitResult(*(pick(x, y) for x, y in zip(a, b, strict=True)))
 
 
+def _reflected(lk: Likelihood, pars, centre):
+    """``pars`` with every interpolated nuisance parameter reflected through ``centre``, within
+    the bounds: a start on the other side of the point the toys scatter around. Where a
+    parameter's effect on the rates turns over, its second minimum lies there; on 200 sbottom
+    toys it found the lowest minimum in the 4 toys where both other starts ended in another."""
+    interpolated = jnp.arange(lk.n_pars) < lk.n_interp
+    mirror = jnp.where(interpolated, 2.0 * centre - pars, pars)
+    return jnp.clip(mirror, lk.lower, lk.upper)
+
+
 def compute_test_statistic(lk: Likelihood, name: str, data, mu, init, metric=None) -> Statistic:
     """Test statistic of a batch of datasets ``[n, n_data]``, fits starting at ``init`` ``[n, P]``.
 
-    The conditional fit runs from ``init`` and from the model's init, keeping the lower optimum;
-    the free fit starts where that ended: its nuisance parameters are already adapted to the
-    dataset. ``metric`` (optional): a curvature shared by the batch for the first
-    steps of both fits, see ``minimize``.
+    The conditional fit runs from ``init``, from the model's init and from the better of those
+    reflected through ``init`` (``_reflected``), keeping the lowest optimum; the free fit from
+    where that ended (its nuisance parameters already adapted to the dataset) and from the
+    model's init, the lower kept. ``metric`` (optional): a curvature shared by the batch for the
+    first steps of every fit, see ``minimize``.
     """
     if name not in TEST_STATISTICS:
         raise ValueError(f"unknown test statistic {name!r} (known: {', '.join(TEST_STATISTICS)})")
-    # two starts, the lower optimum kept: a likelihood can have several minima (on sbottom toys
-    # one nuisance parameter has two, 0.6 apart in -log L), and pyhf fits from the model's init
+    # three starts, the lowest optimum kept: a likelihood can have several minima (on sbottom
+    # toys a nuisance parameter often has two), and pyhf fits from the model's init
     init = jnp.asarray(init)
     near = conditional_fit(lk, data, mu, init, metric)
     from_init = conditional_fit(lk, data, mu, jnp.broadcast_to(lk.init, init.shape), metric)
     cond = _lower(near, from_init)
-    free = free_fit(lk, data, cond.pars, metric)
+    cond = _lower(cond, conditional_fit(lk, data, mu, _reflected(lk, cond.pars, init), metric))
+    # the free fit from that optimum and from the model's init: on 1Lbb and sbottom toys the
+    # free fit from the conditional optimum alone ended in a higher minimum in ~1% of the toys
+    free = _lower(free_fit(lk, data, cond.pars, metric),
+                  free_fit(lk, data, jnp.broadcast_to(lk.init, init.shape), metric))
     t = jnp.maximum(2.0 * (cond.nll - free.nll), 0.0)
     muhat = free.pars[..., lk.poi]
     if name in ("qtilde", "q"):
