@@ -1,5 +1,5 @@
-"""Batched bounded maximum-likelihood fits: ``newton.py``'s iteration over a batch, driven from
-the host.
+"""Batched bounded maximum-likelihood fits: ``newton.py``'s iterations over a batch, driven from
+the host: cheap Gauss-Newton iterations first, then the exact ones, which polish and decide.
 
 Each toy is its own problem; ``minimize`` runs the iteration on all of them at once, in chunks of
 rows that run one after the other inside one compiled program. Small chunks keep a chunk's
@@ -21,14 +21,27 @@ import numpy as np
 
 from toyfarm.likelihood import newton
 from toyfarm.likelihood.compile import Likelihood
-from toyfarm.likelihood.newton import CONVERGED, MAX_ITERATIONS, NOT_FINITE, RUNNING
+from toyfarm.likelihood.newton import (
+    CONVERGED,
+    GAUSS_NEWTON,
+    MAX_ITERATIONS,
+    NOT_FINITE,
+    RUNNING,
+)
 
-__all__ = ["CONVERGED", "MAX_ITERATIONS", "NOT_FINITE", "FitResult", "minimize"]
+__all__ = ["CONVERGED", "MAX_ITERATIONS", "NOT_FINITE", "FitResult", "lower_of", "minimize"]
 
 #: iterations (Hessian evaluations) before a fit is given up
 MAX_ITER = 50
 _TAIL = 4  # batch size for the last stragglers
 _CHORDS = 1  # chord steps per Hessian
+#: Gauss-Newton iterations before the exact ones take over in any case
+MAX_GAUSS_NEWTON = 30
+#: a fit from another start is not pursued where its Gauss-Newton iterations settled within this
+#: squared distance (in the metric) of the other optimum, its basin, or this far above it in -log L
+_SAME_BASIN = 0.05
+_ABOVE = 0.1
+_SPARED = 3  # a status that never leaves ``minimize``: the other start's fit stands
 
 
 class FitResult(NamedTuple):
@@ -45,12 +58,12 @@ def _chunk() -> int:
     return 16 if jax.default_backend() == "cpu" else 1024
 
 
-def _chunked(fn, batched, skip_finished=False):
+def _chunked(fn, batched, phase=None):
     """jit of ``fn`` vmapped over the rows of the arguments flagged in ``batched``.
 
     Batches larger than ``_chunk()`` come in whole chunks, which run one after the other. With
-    ``skip_finished`` (the last argument is a ``newton.State``) a chunk without a running row
-    passes through untouched.
+    a ``phase`` (a status; the last argument is a ``newton.State``) a chunk without a row in
+    that phase passes through untouched.
     """
 
     def run(*args):
@@ -66,9 +79,9 @@ def _chunked(fn, batched, skip_finished=False):
             return mapped(*rows)
 
         def body(carry, chunk):
-            if not skip_finished:
+            if phase is None:
                 return carry, mapped(*chunk)
-            running = jnp.any(chunk[-1].status == RUNNING)
+            running = jnp.any(chunk[-1].status == phase)
             return carry, jax.lax.cond(running, lambda c: mapped(*c), lambda c: c[-1], chunk)
 
         split = lambda a: a.reshape(n // chunk, chunk, *a.shape[1:])  # noqa: E731
@@ -83,13 +96,36 @@ _start_shared = _chunked(newton.start_shared, (False, True, True, True, False, F
 _iterate = _chunked(
     lambda *a: newton.iterate(*a, max_iter=MAX_ITER, chords=_CHORDS),
     (False, True, True, False, False, True),
-    skip_finished=True,
+    phase=RUNNING,
+)
+_gauss_newton_iterate = _chunked(
+    newton.gauss_newton_iterate, (False, True, True, False, False, True), phase=GAUSS_NEWTON
 )
 
 
 @jax.jit
 def _metric_factor(metric, free):
     return jnp.linalg.cholesky(newton.masked(metric, free))
+
+
+def lower_of(a: FitResult, b: FitResult) -> FitResult:
+    """Per row, the fit with the lower -log L among the converged ones (``a`` if neither)."""
+    a_nll = jnp.where(a.status == CONVERGED, a.nll, jnp.inf)
+    b_nll = jnp.where(b.status == CONVERGED, b.nll, jnp.inf)
+    take_b = b_nll < a_nll
+    pick = lambda x, y: jnp.where(take_b.reshape(-1, *([1] * (x.ndim - 1))), y, x)  # noqa: E731
+    return FitResult(*(pick(x, y) for x, y in zip(a, b, strict=True)))
+
+
+@jax.jit
+def _spared(state: newton.State, other: FitResult, metric):
+    """Rows whose Gauss-Newton iterations settled where the exact ones cannot beat ``other``:
+    in the basin of its optimum (the same minimum), or clearly above it."""
+    dx = state.pars - other.pars
+    near = jnp.einsum("ni,ij,nj->n", dx, metric, dx) < _SAME_BASIN
+    above = state.nll > other.nll + _ABOVE
+    settled = (state.status == RUNNING) & (state.predicted < newton.HANDOVER)
+    return settled & (other.status == CONVERGED) & (near | above)
 
 
 def _rows(tree, index):
@@ -116,7 +152,8 @@ def _regroup(running: np.ndarray) -> np.ndarray | None:
 
 
 def minimize(
-    lk: Likelihood, data, init, fixed, lower=None, upper=None, metric=None
+    lk: Likelihood, data, init, fixed, lower=None, upper=None, metric=None,
+    other: FitResult | None = None,
 ) -> FitResult:
     """Minimise -log L(pars | data) for a batch: ``data [n, n_data]``, ``init``/``fixed [n, P]``.
 
@@ -125,6 +162,11 @@ def minimize(
     ``fisher_information`` at the point toys were thrown at) gives every row its first step: one
     factorisation for the whole batch, and no Hessian at a start point where it is often
     indefinite. It is used where every row holds the same parameters fixed.
+
+    ``other`` (with ``metric``): fits of the same data from another start. The result is then
+    per row the lower of the two (``lower_of``), and the exact iterations run only where this
+    start may end lower: not where its Gauss-Newton iterations settled in the basin of
+    ``other``'s optimum (most rows, when the likelihood has one minimum) or far above it.
 
     Each toy's fit depends on that toy alone: every chunk runs the same program whatever its
     other rows, so regrouping changes nothing.
@@ -143,16 +185,29 @@ def minimize(
         state = _start_shared(lk, data, init, fixed, lower, upper, factor)
     else:
         state = _start(lk, data, init, lower, upper)
-    state = state._replace(status=jnp.where(source != np.arange(size), CONVERGED, state.status))
-    everything, rows = state, np.arange(size)  # the rows the working state holds
-    for _ in range(MAX_ITER):
-        running = np.asarray(state.status) == RUNNING
-        if not running.any():
-            break
-        keep = _regroup(running)
-        if keep is not None:
-            everything = _put_rows(everything, rows, state)
-            rows, state = rows[keep], _rows(state, keep)
-        state = _iterate(lk, data[rows], fixed[rows], lower, upper, state)
-    final = _rows(_put_rows(everything, rows, state), np.arange(n))
-    return FitResult(final.pars, final.nll, final.status, final.iteration)
+    padding = source != np.arange(size)
+    status = jnp.where(state.status == RUNNING, GAUSS_NEWTON, state.status)
+    state = state._replace(status=jnp.where(padding, CONVERGED, status))
+    for phase, iterations, step in ((GAUSS_NEWTON, MAX_GAUSS_NEWTON, _gauss_newton_iterate),
+                                    (RUNNING, MAX_ITER, _iterate)):
+        everything, rows = state, np.arange(size)  # the rows the working state holds
+        for _ in range(iterations):
+            working = np.asarray(state.status) == phase
+            if not working.any():
+                break
+            keep = _regroup(working)
+            if keep is not None:
+                everything = _put_rows(everything, rows, state)
+                rows, state = rows[keep], _rows(state, keep)
+            state = step(lk, data[rows], fixed[rows], lower, upper, state)
+        state = _put_rows(everything, rows, state)
+        if phase == GAUSS_NEWTON and other is not None and metric is not None:
+            spared = _spared(_rows(state, np.arange(n)), other, jnp.asarray(metric))
+            spared = jnp.concatenate([spared, jnp.zeros(size - n, bool)])
+            state = state._replace(status=jnp.where(spared, _SPARED, state.status))
+        # what the Gauss-Newton iterations leave goes on to the exact ones
+        state = state._replace(status=jnp.where(state.status == GAUSS_NEWTON, RUNNING,
+                                                state.status))
+    final = _rows(state, np.arange(n))
+    result = FitResult(final.pars, final.nll, final.status, final.iteration)
+    return result if other is None else lower_of(other, result)

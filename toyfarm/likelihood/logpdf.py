@@ -107,6 +107,9 @@ class Derivatives(NamedTuple):
     gauss_newton: jax.Array  # [P, P]
     rates: jax.Array  # [n_bins] expected counts
     jacobian: jax.Array  # [P, n_bins] their derivatives
+    #: the Gauss-Newton matrix is ``jacobian diag(weight) jacobianᵀ + diag(curvature)``
+    weight: jax.Array  # [n_bins] n / λ² (0 in empty bins)
+    curvature: jax.Array  # [P] of the constraint terms (0 for unconstrained parameters)
 
 
 def nll_derivatives(lk: Likelihood, pars, data, multipliers=None) -> Derivatives:
@@ -185,9 +188,10 @@ def nll_derivatives(lk: Likelihood, pars, data, multipliers=None) -> Derivatives
     )
     c_curv = jnp.where(lk.aux_poisson, aux / theta**2, 1.0 / lk.aux_scale**2)
     grad = grad.at[lk.aux_param].add(c_grad)
-    gauss_newton = gauss_newton.at[lk.aux_param, lk.aux_param].add(c_curv)
+    curvature = jnp.zeros_like(pars).at[lk.aux_param].add(c_curv)
+    gauss_newton = gauss_newton + jnp.diag(curvature)
     hess = gauss_newton + jnp.block([[h_ii, h_il], [h_il.T, h_ll]])
-    return Derivatives(nll, grad, hess, gauss_newton, rates, jac)
+    return Derivatives(nll, grad, hess, gauss_newton, rates, jac, weight, curvature)
 
 
 def fisher_information(lk: Likelihood, pars):

@@ -37,30 +37,23 @@ class Statistic(NamedTuple):
     free: FitResult
 
 
-def conditional_fit(lk: Likelihood, data, mu, init, metric=None) -> FitResult:
+def conditional_fit(lk: Likelihood, data, mu, init, metric=None,
+                    other: FitResult | None = None) -> FitResult:
     """Fits of a batch ``data [n, n_data]`` with the POI held at ``mu``, from ``init [n, P]``.
 
-    The model's fixed parameters stay at their init values. ``metric``: see ``minimize``.
+    The model's fixed parameters stay at their init values. ``metric``, ``other``: see
+    ``minimize``.
     """
     init = jnp.asarray(init).at[:, lk.poi].set(mu)
     held = jnp.broadcast_to(jnp.asarray(lk.fixed).at[lk.poi].set(True), init.shape)
-    return minimize(lk, data, init, held, metric=metric)
+    return minimize(lk, data, init, held, metric=metric, other=other)
 
 
-def free_fit(lk: Likelihood, data, init, metric=None) -> FitResult:
+def free_fit(lk: Likelihood, data, init, metric=None, other: FitResult | None = None) -> FitResult:
     """Fits of a batch with every parameter but the model's fixed ones free."""
     init = jnp.asarray(init)
     fixed = jnp.broadcast_to(jnp.asarray(lk.fixed), init.shape)
-    return minimize(lk, data, init, fixed, metric=metric)
-
-
-def _lower(a: FitResult, b: FitResult) -> FitResult:
-    """Per row, the fit with the lower -log L among the converged ones (``a`` if neither)."""
-    a_nll = jnp.where(a.status == CONVERGED, a.nll, jnp.inf)
-    b_nll = jnp.where(b.status == CONVERGED, b.nll, jnp.inf)
-    take_b = b_nll < a_nll
-    pick = lambda x, y: jnp.where(take_b.reshape(-1, *([1] * (x.ndim - 1))), y, x)  # noqa: E731
-    return FitResult(*(pick(x, y) for x, y in zip(a, b, strict=True)))
+    return minimize(lk, data, init, fixed, metric=metric, other=other)
 
 
 def _reflected(lk: Likelihood, pars, centre):
@@ -87,14 +80,14 @@ def compute_test_statistic(lk: Likelihood, name: str, data, mu, init, metric=Non
     # three starts, the lowest optimum kept: a likelihood can have several minima (on sbottom
     # toys a nuisance parameter often has two), and pyhf fits from the model's init
     init = jnp.asarray(init)
-    near = conditional_fit(lk, data, mu, init, metric)
-    from_init = conditional_fit(lk, data, mu, jnp.broadcast_to(lk.init, init.shape), metric)
-    cond = _lower(near, from_init)
-    cond = _lower(cond, conditional_fit(lk, data, mu, _reflected(lk, cond.pars, init), metric))
+    from_model_init = jnp.broadcast_to(lk.init, init.shape)
+    cond = conditional_fit(lk, data, mu, init, metric)
+    cond = conditional_fit(lk, data, mu, from_model_init, metric, other=cond)
+    cond = conditional_fit(lk, data, mu, _reflected(lk, cond.pars, init), metric, other=cond)
     # the free fit from that optimum and from the model's init: on 1Lbb and sbottom toys the
     # free fit from the conditional optimum alone ended in a higher minimum in ~1% of the toys
-    free = _lower(free_fit(lk, data, cond.pars, metric),
-                  free_fit(lk, data, jnp.broadcast_to(lk.init, init.shape), metric))
+    free = free_fit(lk, data, cond.pars, metric)
+    free = free_fit(lk, data, from_model_init, metric, other=free)
     t = jnp.maximum(2.0 * (cond.nll - free.nll), 0.0)
     muhat = free.pars[..., lk.poi]
     if name in ("qtilde", "q"):
