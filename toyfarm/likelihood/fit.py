@@ -122,7 +122,8 @@ def _spared(state: newton.State, other: FitResult, metric):
     """Rows whose Gauss-Newton iterations settled where the exact ones cannot beat ``other``:
     in the basin of its optimum (the same minimum), or clearly above it."""
     dx = state.pars - other.pars
-    near = jnp.einsum("ni,ij,nj->n", dx, metric, dx) < _SAME_BASIN
+    # a reduction, not a dot: its rounding must not depend on the worker's thread count
+    near = jnp.sum(dx[:, :, None] * metric * dx[:, None, :], axis=(1, 2)) < _SAME_BASIN
     above = state.nll > other.nll + _ABOVE
     settled = (state.status == RUNNING) & (state.predicted < newton.HANDOVER)
     return settled & (other.status == CONVERGED) & (near | above)

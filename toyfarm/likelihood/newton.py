@@ -304,8 +304,11 @@ def _gauss_newton_step(d: Derivatives, free):
     diag_inv = 1.0 / jnp.where(free, jnp.maximum(damped, 1e-300), 1.0)
     g = jnp.where(free, d.grad, 0.0)
     dz = diag_inv[:, None] * z
-    inner = jnp.eye(z.shape[1], dtype=z.dtype) + z.T @ dz
-    u = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(inner), True), dz.T @ g)
+    # sums over parameters as reductions, not dots: XLA's CPU dot splits a long contraction over
+    # its threads, and the rounding would then depend on how many a worker has
+    inner = jnp.eye(z.shape[1], dtype=z.dtype) + jnp.sum(z[:, :, None] * dz[:, None, :], axis=0)
+    rhs = jnp.sum(dz * g[:, None], axis=0)
+    u = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(inner), True), rhs)
     step = jnp.where(free, dz @ u - diag_inv * g, 0.0)
     return step, -0.5 * jnp.dot(g, step)
 
