@@ -40,7 +40,7 @@ from toyfarm.likelihood.logpdf import Derivatives, expected_rates, nll_derivativ
 CONVERGED, MAX_ITERATIONS, NOT_FINITE = 0, 1, 2
 RUNNING = -1  # in the exact (Newton) iterations
 GAUSS_NEWTON = -2  # in the Gauss-Newton iterations that come first
-#: the name of the batch axis: ``start``, ``start_shared`` and ``iterate`` are vmapped over it
+#: the name of the batch axis the iterations and starts are vmapped over (``fit.py``)
 ROWS = "rows"
 
 #: converged when the Newton step predicts less than this decrease of -log L (q moves 2x that)
