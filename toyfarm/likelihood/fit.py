@@ -118,21 +118,27 @@ def lower_of(a: FitResult, b: FitResult) -> FitResult:
 
 
 @jax.jit
-def _spared(state: newton.State, other: FitResult, metric):
-    """Rows whose Gauss-Newton iterations settled where the exact ones cannot beat ``other``:
-    in the basin of its optimum (the same minimum), or clearly above it."""
+def _spare(state: newton.State, other: FitResult, metric) -> newton.State:
+    """``state`` with the rows the exact iterations need not pursue marked spared: where the
+    Gauss-Newton iterations reached the basin of ``other``'s optimum (the same minimum; they
+    would only converge to it), or settled clearly above it."""
     dx = state.pars - other.pars
     # a reduction, not a dot: its rounding must not depend on the worker's thread count
     near = jnp.sum(dx[:, :, None] * metric * dx[:, None, :], axis=(1, 2)) < _SAME_BASIN
     above = state.nll > other.nll + _ABOVE
     settled = (state.status == RUNNING) & (state.predicted < newton.HANDOVER)
-    return settled & (other.status == CONVERGED) & (near | above)
+    spared = (other.status == CONVERGED) & (
+        ((state.status == GAUSS_NEWTON) & near) | (settled & (near | above))
+    )
+    return state._replace(status=jnp.where(spared, _SPARED, state.status))
 
 
+@jax.jit
 def _rows(tree, index):
     return jax.tree_util.tree_map(lambda a: a[index], tree)
 
 
+@jax.jit
 def _put_rows(tree, index, rows):
     return jax.tree_util.tree_map(lambda a, b: a.at[index].set(b), tree, rows)
 
@@ -189,9 +195,13 @@ def minimize(
     padding = source != np.arange(size)
     status = jnp.where(state.status == RUNNING, GAUSS_NEWTON, state.status)
     state = state._replace(status=jnp.where(padding, CONVERGED, status))
+    sparing = other is not None and metric is not None
+    if sparing:
+        other, metric = _rows(other, source), jnp.asarray(metric)
     for phase, iterations, step in ((GAUSS_NEWTON, MAX_GAUSS_NEWTON, _gauss_newton_iterate),
                                     (RUNNING, MAX_ITER, _iterate)):
         everything, rows = state, np.arange(size)  # the rows the working state holds
+        rows_data, rows_fixed, rows_other = data, fixed, other
         for _ in range(iterations):
             working = np.asarray(state.status) == phase
             if not working.any():
@@ -200,12 +210,11 @@ def minimize(
             if keep is not None:
                 everything = _put_rows(everything, rows, state)
                 rows, state = rows[keep], _rows(state, keep)
-            state = step(lk, data[rows], fixed[rows], lower, upper, state)
+                rows_data, rows_fixed, rows_other = _rows((data, fixed, other), rows)
+            state = step(lk, rows_data, rows_fixed, lower, upper, state)
+            if phase == GAUSS_NEWTON and sparing:
+                state = _spare(state, rows_other, metric)
         state = _put_rows(everything, rows, state)
-        if phase == GAUSS_NEWTON and other is not None and metric is not None:
-            spared = _spared(_rows(state, np.arange(n)), other, jnp.asarray(metric))
-            spared = jnp.concatenate([spared, jnp.zeros(size - n, bool)])
-            state = state._replace(status=jnp.where(spared, _SPARED, state.status))
         # what the Gauss-Newton iterations leave goes on to the exact ones
         state = state._replace(status=jnp.where(state.status == GAUSS_NEWTON, RUNNING,
                                                 state.status))
