@@ -34,7 +34,7 @@ __all__ = ["CONVERGED", "MAX_ITERATIONS", "NOT_FINITE", "FitResult", "lower_of",
 #: iterations (Hessian evaluations) before a fit is given up
 MAX_ITER = 50
 _TAIL = 4  # batch size for the last stragglers
-_CHORDS = 1  # chord steps per Hessian
+_CHORDS = 2  # chord steps per Hessian
 #: Gauss-Newton iterations before the exact ones take over in any case
 MAX_GAUSS_NEWTON = 30
 #: a fit from another start is not pursued where its Gauss-Newton iterations settled within this

@@ -80,6 +80,12 @@ def _value(lk: Likelihood, pars, data):
     return nll_derivatives(lk, pars, data)[0]  # XLA keeps only what the value needs
 
 
+def _settled(predicted):
+    """A model predicting less than the tolerance (a step onto a bound or the edge may predict
+    an increase: past ``STALL_TOLERANCE`` that is an inconsistent model, not a converged fit)."""
+    return (predicted < NLL_TOLERANCE) & (predicted > -STALL_TOLERANCE)
+
+
 def _free(x, g, fixed, lower, upper):
     """Parameters that may move: not fixed, not on a bound the gradient pushes against."""
     return ~(fixed | ((x <= lower) & (g > 0)) | ((x >= upper) & (g < 0)))
@@ -354,15 +360,19 @@ def iterate(lk: Likelihood, data, fixed, lower, upper, state: State, max_iter: i
     finite = jnp.all(jnp.isfinite(step))
     # an indefinite Hessian at a point where the step vanishes is a saddle, unless counts are on
     # the edge: there only the curvature along the edge matters
-    # (a step to a bound or the edge can predict an increase: that is no convergence)
-    # a step onto a bound or the edge may predict an increase: past STALL_TOLERANCE that is an
-    # inconsistent model (a far step held on bounds), not a converged fit
-    settled = (predicted < NLL_TOLERANCE) & (predicted > -STALL_TOLERANCE)
-    done = finite & (exact | jnp.any(model.edge)) & settled
+    done = finite & (exact | jnp.any(model.edge)) & _settled(predicted)
+    # a positive definite Hessian one short step old (its model predicted < HANDOVER) decides
+    # as well as a fresh one, where the same parameters are free and no count is on the edge:
+    # a chord step predicting less than the tolerance ends the fit without another Hessian
+    polishing = finite & exact & ~jnp.any(model.edge) & (predicted < HANDOVER)
+    polished = jnp.zeros_like(done)
     for chord in range(chords + 1):
         if chord:
             d = nll_derivatives(lk, x, data)
             step, predicted, multipliers = _step(model, d.grad, d.rates)
+            same_face = jnp.all(_free(x, d.grad, fixed, lower, upper) == model.face)
+            polished = polished | (polishing & same_face & jnp.all(jnp.isfinite(step))
+                                   & _settled(predicted))
         x, nll, radius, failed = _line_search(
             lk, data, lower, upper, x, nll, step, predicted, radius, model, d.rates
         )
@@ -374,7 +384,7 @@ def iterate(lk: Likelihood, data, fixed, lower, upper, state: State, max_iter: i
         ~finite,
         NOT_FINITE,
         jnp.where(
-            done,
+            done | polished,
             CONVERGED,
             jnp.where(
                 stalled & (jnp.abs(predicted) < STALL_TOLERANCE),
