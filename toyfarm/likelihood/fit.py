@@ -105,8 +105,28 @@ _iterate = _chunked(
     (False, True, True, False, False, True),
     phase=RUNNING,
 )
+
+
+def _gauss_newton_then_spare(lk: Likelihood, data, fixed, lower, upper, rival_pars, rival_nll,
+                             rival_converged, metric, state: newton.State) -> newton.State:
+    """A Gauss-Newton iteration of one row, which is then spared (the exact iterations need not
+    pursue it) where it reached the basin of the rival start's optimum (the same minimum: it
+    would only converge to it), or settled clearly above it."""
+    state = newton.gauss_newton_iterate(lk, data, fixed, lower, upper, state)
+    dx = state.pars - rival_pars
+    # a reduction, not a dot: its rounding must not depend on the worker's thread count
+    near = jnp.sum(dx[:, None] * metric * dx[None, :]) < _SAME_BASIN
+    above = state.nll > rival_nll + _ABOVE
+    settled = (state.status == RUNNING) & (state.predicted < newton.HANDOVER)
+    in_basin = (state.status == GAUSS_NEWTON) & near
+    spared = rival_converged & (in_basin | (settled & (near | above)))
+    return state._replace(status=jnp.where(spared, _SPARED, state.status))
+
+
 _gauss_newton_iterate = _chunked(
-    newton.gauss_newton_iterate, (False, True, True, False, False, True), phase=GAUSS_NEWTON
+    _gauss_newton_then_spare,
+    (False, True, True, False, False, True, True, True, False, True),
+    phase=GAUSS_NEWTON,
 )
 
 
@@ -122,22 +142,6 @@ def lower_of(a: FitResult, b: FitResult) -> FitResult:
     take_b = b_nll < a_nll
     pick = lambda x, y: jnp.where(take_b.reshape(-1, *([1] * (x.ndim - 1))), y, x)  # noqa: E731
     return FitResult(*(pick(x, y) for x, y in zip(a, b, strict=True)))
-
-
-@jax.jit
-def _spare(state: newton.State, other: FitResult, metric) -> newton.State:
-    """``state`` with the rows the exact iterations need not pursue marked spared: where the
-    Gauss-Newton iterations reached the basin of ``other``'s optimum (the same minimum; they
-    would only converge to it), or settled clearly above it."""
-    dx = state.pars - other.pars
-    # a reduction, not a dot: its rounding must not depend on the worker's thread count
-    near = jnp.sum(dx[:, :, None] * metric * dx[:, None, :], axis=(1, 2)) < _SAME_BASIN
-    above = state.nll > other.nll + _ABOVE
-    settled = (state.status == RUNNING) & (state.predicted < newton.HANDOVER)
-    spared = (other.status == CONVERGED) & (
-        ((state.status == GAUSS_NEWTON) & near) | (settled & (near | above))
-    )
-    return state._replace(status=jnp.where(spared, _SPARED, state.status))
 
 
 @jax.jit
@@ -202,12 +206,18 @@ def minimize(
     padding = source != np.arange(size)
     status = jnp.where(state.status == RUNNING, GAUSS_NEWTON, state.status)
     state = state._replace(status=jnp.where(padding, CONVERGED, status))
-    sparing = other is not None and metric is not None
-    padded_other = _rows(other, source) if sparing else None
-    for phase, iterations, step in ((GAUSS_NEWTON, MAX_GAUSS_NEWTON, _gauss_newton_iterate),
-                                    (RUNNING, MAX_ITER, _iterate)):
+    # the rival start's optimum per row, padded like the rows: none (never converged) unless
+    # sparing; a row in its basin is left to it
+    if other is not None and metric is not None:
+        converged = (other.status == CONVERGED).astype(jnp.bool_)  # strong, as below: one program
+        rival = _rows((other.pars, other.nll, converged), source)
+        metric = jnp.asarray(metric)
+    else:
+        rival = (init, jnp.zeros(size, init.dtype), jnp.zeros(size, jnp.bool_))
+        metric = jnp.zeros((lk.n_pars, lk.n_pars), init.dtype)
+    for phase, iterations in ((GAUSS_NEWTON, MAX_GAUSS_NEWTON), (RUNNING, MAX_ITER)):
         everything, rows = state, np.arange(size)  # the rows the working state holds
-        rows_data, rows_fixed, rows_other = data, fixed, padded_other
+        rows_data, rows_fixed, rows_rival = data, fixed, rival
         for _ in range(iterations):
             working = np.asarray(state.status) == phase
             if not working.any():
@@ -216,10 +226,12 @@ def minimize(
             if keep is not None:
                 everything = _put_rows(everything, rows, state)
                 rows, state = rows[keep], _rows(state, keep)
-                rows_data, rows_fixed, rows_other = _rows((data, fixed, padded_other), rows)
-            state = step(lk, rows_data, rows_fixed, lower, upper, state)
-            if phase == GAUSS_NEWTON and sparing:
-                state = _spare(state, rows_other, jnp.asarray(metric))
+                rows_data, rows_fixed, rows_rival = _rows((data, fixed, rival), rows)
+            if phase == GAUSS_NEWTON:
+                state = _gauss_newton_iterate(lk, rows_data, rows_fixed, lower, upper,
+                                              *rows_rival, metric, state)
+            else:
+                state = _iterate(lk, rows_data, rows_fixed, lower, upper, state)
         state = _put_rows(everything, rows, state)
         # what the Gauss-Newton iterations leave goes on to the exact ones
         state = state._replace(status=jnp.where(state.status == GAUSS_NEWTON, RUNNING,
