@@ -41,8 +41,8 @@ MODELS = {  # name: (workspace, patchset, patch, verify digest, pyhf toys, toyfa
     "1Lbb simplified": ("1Lbb/simplified/BkgOnly.json", "1Lbb/simplified/patchset.json",
                         "C1N2_Wh_hbb_1000_0", False, 40, 4096),
     "sbottom_RegionA": ("sbottom_RegionA/BkgOnly.json", "sbottom_RegionA/patchset.json", None,
-                        True, 4, 512),
-    "1Lbb": ("1Lbb/BkgOnly.json", "1Lbb/patchset.json", "C1N2_Wh_hbb_1000_0", True, 2, 256),
+                        True, 8, 512),
+    "1Lbb": ("1Lbb/BkgOnly.json", "1Lbb/patchset.json", "C1N2_Wh_hbb_1000_0", True, 12, 256),
 }
 
 
