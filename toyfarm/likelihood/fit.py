@@ -183,8 +183,8 @@ def minimize(
 
     ``other`` (with ``metric``): fits of the same data from another start. The result is then
     per row the lower of the two (``lower_of``), and the exact iterations run only where this
-    start may end lower: not where its Gauss-Newton iterations settled in the basin of
-    ``other``'s optimum (most rows, when the likelihood has one minimum) or far above it.
+    start may end lower: not where its Gauss-Newton iterations reach the basin of ``other``'s
+    optimum (most rows, when the likelihood has one minimum) or settle far above it.
 
     Each toy's fit depends on that toy alone: every chunk runs the same program whatever its
     other rows, so regrouping changes nothing.
@@ -192,6 +192,7 @@ def minimize(
     lower = jnp.asarray(lk.lower if lower is None else lower)
     upper = jnp.asarray(lk.upper if upper is None else upper)
     data, init, fixed = jnp.asarray(data), jnp.asarray(init), jnp.asarray(fixed)
+    metric = None if metric is None else jnp.asarray(metric)
     n = data.shape[0]
     chunk = _chunk(lk.n_pars)
     size = n if n <= chunk else -(-n // chunk) * chunk
@@ -199,7 +200,7 @@ def minimize(
     data, init, fixed = data[source], init[source], fixed[source]
     fixed_host = np.asarray(fixed)
     if metric is not None and np.all(fixed_host == fixed_host[:1]):
-        factor = _metric_factor(jnp.asarray(metric), ~fixed[0])
+        factor = _metric_factor(metric, ~fixed[0])
         state = _start_shared(lk, data, init, fixed, lower, upper, factor)
     else:
         state = _start(lk, data, init, lower, upper)
@@ -209,9 +210,9 @@ def minimize(
     # the rival start's optimum per row, padded like the rows: none (never converged) unless
     # sparing; a row in its basin is left to it
     if other is not None and metric is not None:
-        converged = (other.status == CONVERGED).astype(jnp.bool_)  # strong, as below: one program
+        # strongly typed, like the zeros below: both kinds of fit share one compiled program
+        converged = (other.status == CONVERGED).astype(jnp.bool_)
         rival = _rows((other.pars, other.nll, converged), source)
-        metric = jnp.asarray(metric)
     else:
         rival = (init, jnp.zeros(size, init.dtype), jnp.zeros(size, jnp.bool_))
         metric = jnp.zeros((lk.n_pars, lk.n_pars), init.dtype)
